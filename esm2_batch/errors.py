@@ -1,0 +1,74 @@
+"""The one exception hierarchy of esm2-batch.
+
+The library raises; only the CLI turns these into one-line messages and exit codes::
+
+    Esm2BatchError                  base: catch this to catch everything we raise
+    ├── InputError                  a gene list, FASTA or option the user can fix
+    ├── EnsemblError                the Ensembl REST stage failed (carries .queries)
+    │   ├── EnsemblRequestError     HTTP 400: the server refused the request; never retried
+    │   ├── EnsemblUnavailableError retries exhausted: 5xx, 429 storms, timeouts, resets,
+    │   │                           non-JSON bodies, or the server cannot be reached
+    │   └── EnsemblResponseError    a reply that parses but breaks the API's contract
+    ├── ModelError                  a model cannot be found, downloaded or loaded
+    ├── EmbeddingError              a sequence cannot be embedded (bad letter, non-finite
+    │                               row, out of memory alone); carries .name
+    └── StoreError                  the output or its partial directory cannot be used
+                                    (unwritable, settings differ from the existing run)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class Esm2BatchError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InputError(Esm2BatchError, ValueError):
+    """Bad user input: the message names the input and what to do about it."""
+
+
+class EnsemblError(Esm2BatchError):
+    """The Ensembl stage failed; `queries` names the genes it affected."""
+
+    def __init__(self, message: str, *, queries: Iterable[str] = ()) -> None:
+        self.queries: tuple[str, ...] = tuple(queries)
+        super().__init__(message + _name_some(self.queries))
+
+
+class EnsemblRequestError(EnsemblError):
+    """HTTP 400 from Ensembl, with the server's own {"error": ...} text."""
+
+
+class EnsemblUnavailableError(EnsemblError):
+    """Ensembl did not answer usefully within the retry budget."""
+
+
+class EnsemblResponseError(EnsemblError):
+    """Ensembl answered with JSON of the wrong shape."""
+
+
+class ModelError(Esm2BatchError):
+    """A model cannot be resolved, downloaded or loaded."""
+
+
+class EmbeddingError(Esm2BatchError):
+    """One sequence cannot be embedded; `name` says which."""
+
+    def __init__(self, message: str, *, name: str | None = None) -> None:
+        self.name = name
+        super().__init__(message)
+
+
+class StoreError(Esm2BatchError):
+    """The output file or the partial directory cannot be used as asked."""
+
+
+def _name_some(queries: tuple[str, ...], limit: int = 8) -> str:
+    """Render up to `limit` query names, so a message stays one readable line."""
+    if not queries:
+        return ""
+    shown = ", ".join(queries[:limit])
+    more = f" and {len(queries) - limit} more" if len(queries) > limit else ""
+    return f" (genes: {shown}{more})"
