@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from esm2_batch.ensembl import EnsemblClient  # noqa: E402
-from tests.fakes.ensembl import FakeEnsembl, synthetic_genes  # noqa: E402
+from esm2_batch.ensembl import EnsemblClient
+from tests.fakes.ensembl import FakeEnsembl, synthetic_genes
 
 
 def parse_args() -> argparse.Namespace:
