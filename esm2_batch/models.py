@@ -1,0 +1,348 @@
+"""ESM2 registry, loading (by size, fair-esm name or local checkpoint) and the forward pass.
+
+Loading goes through fair-esm's own ``load_model_and_alphabet_core`` so the architecture
+and state-dict mapping stay fair-esm's, but the file is read by us: fair-esm calls
+``torch.load`` without ``weights_only``, which torch >= 2.6 refuses for its checkpoints
+("Unsupported global: argparse.Namespace"). We load with ``weights_only=True`` and an
+allow-list of exactly the globals the official files hold (`CHECKPOINT_GLOBALS`).
+
+Two fixes are installed on every loaded model (`Fp32RotaryEmbedding`): fair-esm casts its
+rotary ``inv_freq`` buffer with the model, so under fp16 positions above 256 round; and a
+cos/sin cache built under ``torch.inference_mode`` breaks a later grad-enabled call of the
+same length. Both are fixed by rebuilding the tables in fp32 whenever they would be wrong.
+
+`representations` is the forward pass the embedder runs: fair-esm's ESM2 computation on
+fair-esm's modules and weights, with ``F.scaled_dot_product_attention`` instead of the
+hand-written bmm + softmax that also builds every layer's attention-probability tensor.
+It matches fair-esm's forward to ~1e-6 in fp32 and stops at the requested layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import esm
+import torch
+import torch.nn.functional as F
+from esm.model.esm2 import ESM2
+from esm.rotary_embedding import RotaryEmbedding
+from tqdm import tqdm
+
+from .errors import ModelError
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """One published ESM2 model: its size label, fair-esm name and shape."""
+
+    size: str
+    name: str
+    num_layers: int
+    embed_dim: int
+    attention_heads: int
+
+
+ESM2_MODELS: dict[str, ModelSpec] = {
+    spec.size: spec
+    for spec in (
+        ModelSpec("8M", "esm2_t6_8M_UR50D", 6, 320, 20),
+        ModelSpec("35M", "esm2_t12_35M_UR50D", 12, 480, 20),
+        ModelSpec("150M", "esm2_t30_150M_UR50D", 30, 640, 20),
+        ModelSpec("650M", "esm2_t33_650M_UR50D", 33, 1280, 20),
+        ModelSpec("3B", "esm2_t36_3B_UR50D", 36, 2560, 40),
+        ModelSpec("15B", "esm2_t48_15B_UR50D", 48, 5120, 40),
+    )
+}
+"""The ESM2 family by size label, as fair-esm publishes it."""
+
+MODEL_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
+CONNECT_TIMEOUT_S = 10.0
+"""Seconds to wait for the download server (connect and each read): offline fails fast."""
+
+CHECKPOINT_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+"""Globals allowed beyond torch's weights-only defaults: the fairseq config
+``cfg["model"]`` of the official ESM2 files is an ``argparse.Namespace``. Should a file
+pickle anything else, `read_checkpoint` names it in a ModelError instead of loading it."""
+
+_REGRESSION_WARNING = "Regression weights not found"
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """An ESM2 ready to run: the torch module (eval mode, on `device` in `dtype`) and facts.
+
+    The contact-regression head is never loaded (embeddings do not use it), so
+    ``module.predict_contacts`` is not meaningful on a model loaded here.
+    """
+
+    name: str
+    module: ESM2
+    alphabet: esm.data.Alphabet
+    embed_dim: int
+    num_layers: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_model(
+    model: str | os.PathLike[str],
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> LoadedModel:
+    """Load an ESM2 by size ("650M"), fair-esm name or path of a local checkpoint.
+
+    Sizes and names are read from the torch hub cache and downloaded into it when missing.
+    `device` defaults to cuda when available, else cpu; `dtype` to float16 on cuda (rotary
+    tables stay fp32) and float32 elsewhere. Every failure is a one-line `ModelError`.
+    """
+    target = _resolve_device(device)
+    precision = _resolve_dtype(dtype, target)
+    source = resolve_model(model)
+    if isinstance(source, ModelSpec):
+        name, path = source.name, hub_checkpoint(source.name)
+    else:
+        name, path = source.stem, source
+    module, alphabet = _build(name, read_checkpoint(path), path)
+    install_fp32_rotary(module)
+    module = module.eval().to(device=target, dtype=precision)
+    return LoadedModel(
+        name=name, module=module, alphabet=alphabet, embed_dim=module.embed_dim,
+        num_layers=module.num_layers, device=target, dtype=precision,
+    )
+
+
+def resolve_model(model: str | os.PathLike[str]) -> ModelSpec | Path:
+    """A registry entry for a size or fair-esm name, else the existing checkpoint path."""
+    if isinstance(model, str):
+        for spec in ESM2_MODELS.values():
+            if model.upper() == spec.size.upper() or model == spec.name:
+                return spec
+    path = Path(model).expanduser()
+    looks_like_path = not isinstance(model, str) or path.suffix == ".pt" or len(path.parts) > 1
+    if path.is_file():
+        return path
+    if path.exists():
+        raise ModelError(f"model path is not a checkpoint file: {path}")
+    if looks_like_path:
+        raise ModelError(f"model checkpoint not found: {path}")
+    sizes = ", ".join(ESM2_MODELS)
+    raise ModelError(f"unknown model {model!r}: use a size ({sizes}), a name like "
+                     f"esm2_t33_650M_UR50D, or the path of a local checkpoint (--model_path)")
+
+
+def hub_checkpoint(name: str) -> Path:
+    """The cached checkpoint of a published model, downloaded first when missing."""
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    path = cache / f"{name}.pt"
+    if path.is_file():
+        return path
+    url = MODEL_URL.format(name=name)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        download(url, path)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise ModelError(
+            f"cannot download {name} from {url} ({reason}); place {name}.pt in {cache} "
+            f"or pass a local checkpoint with --model_path PATH"
+        ) from None
+    return path
+
+
+def download(url: str, dest: Path, *, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Stream `url` to `dest` via a temporary file, so an interrupted download leaves none.
+
+    The timeout bounds the connect and every read, so an offline machine fails in seconds
+    instead of hanging, unlike torch.hub's download, which sets none.
+    """
+    partial = dest.with_name(dest.name + ".partial")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, partial.open("wb") as out:
+            size = int(getattr(response, "headers", {}).get("Content-Length", 0)) or None
+            # disable=None: a bar on a terminal, silence in logs and tests
+            with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name, disable=None) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        partial.replace(dest)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a fair-esm checkpoint with weights_only=True and the `CHECKPOINT_GLOBALS`."""
+    try:
+        with torch.serialization.safe_globals(list(CHECKPOINT_GLOBALS)):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        why = f"it pickles {found.group(1)}, which is not allowed" if found else "not a checkpoint"
+        raise ModelError(f"cannot load {path}: {why}") from None
+    except Exception as exc:  # a corrupt file fails anywhere in the unpickler (IndexError...)
+        why = _first_line(exc)
+        raise ModelError(f"cannot load {path}: not a readable checkpoint ({why})") from None
+    if not _is_esm2_layout(data):
+        raise ModelError(f"cannot load {path}: not an ESM2 checkpoint in fair-esm's layout "
+                         f"(needs 'model' and cfg['model'] with encoder_layers)")
+    return data
+
+
+def _is_esm2_layout(data: object) -> bool:
+    """Whether `data` has what fair-esm's ESM2 loader reads: weights and cfg.model."""
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        return False
+    cfg = data.get("cfg")
+    model_cfg = cfg.get("model") if isinstance(cfg, dict) else None
+    return all(hasattr(model_cfg, key) for key in
+               ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads"))
+
+
+def _build(name: str, data: dict[str, Any], path: Path) -> tuple[ESM2, esm.data.Alphabet]:
+    """Build the module with fair-esm's own loader; contact regression deliberately absent."""
+    # fair-esm picks its ESM2 code path by the name's prefix; the layout is checked already.
+    core_name = name if name.startswith("esm2") else f"esm2_{name}"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_REGRESSION_WARNING)
+            module, alphabet = esm.pretrained.load_model_and_alphabet_core(
+                core_name, data, regression_data=None)
+    except (RuntimeError, KeyError, AttributeError, TypeError) as exc:
+        raise ModelError(f"cannot load {path}: {_first_line(exc)}") from None
+    return module, alphabet
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, so errors stay one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """The requested device, defaulting to cuda when available; a missing GPU is an error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        target = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelError(f"invalid device {device!r}: {_first_line(exc)}") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but CUDA is not available")
+    return target
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """float16 on cuda and float32 elsewhere by default; names like "bf16" accepted."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ModelError(f"unsupported dtype {dtype!r}: use float32, float16 or bfloat16")
+    return _DTYPES[key]
+
+
+class Fp32RotaryEmbedding(RotaryEmbedding):
+    """fair-esm's rotary embedding with tables built in fp32 and rebuilt when stale.
+
+    fair-esm derives the tables from its ``inv_freq`` buffer, which ``.half()`` lowers too;
+    here the frequencies are kept aside in fp32 and the result is cast to the activations'
+    dtype. In fp32 the tables are bit-identical to fair-esm's. The cache is also rebuilt
+    when it holds inference tensors outside inference mode, which autograd cannot save.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self._inv_freq32 = self.inv_freq.detach().clone()
+
+    def _update_cos_sin_tables(
+        self, x: torch.Tensor, seq_dimension: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        seq_len = x.shape[seq_dimension]
+        if self._stale(seq_len, x):
+            inv_freq = self._inv_freq32.to(x.device)
+            t = torch.arange(seq_len, device=x.device).type_as(inv_freq)  # (T,)
+            freqs = torch.einsum("i,j->ij", t, inv_freq)  # (T, D/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
+            self._cos_cached = emb.cos()[None, :, :].to(x.dtype)  # (1, T, D)
+            self._sin_cached = emb.sin()[None, :, :].to(x.dtype)
+            self._seq_len_cached = seq_len
+        return self._cos_cached, self._sin_cached
+
+    def _stale(self, seq_len: int, x: torch.Tensor) -> bool:
+        cos = self._cos_cached
+        return (
+            cos is None
+            or seq_len != self._seq_len_cached
+            or cos.device != x.device
+            or cos.dtype != x.dtype
+            or (cos.is_inference() and not torch.is_inference_mode_enabled())
+        )
+
+
+def install_fp32_rotary(module: ESM2) -> None:
+    """Swap every layer's rotary embedding for `Fp32RotaryEmbedding` (same state dict)."""
+    for layer in module.layers:
+        attention = layer.self_attn
+        attention.rot_emb = Fp32RotaryEmbedding(attention.head_dim).to(
+            attention.rot_emb.inv_freq.device)
+
+
+def representations(module: ESM2, tokens: torch.Tensor, *, layer: int) -> torch.Tensor:
+    """(B, T) tokens -> (B, T, E) states after `layer` (0 = embeddings), as fair-esm's
+    ``forward(tokens, repr_layers=[layer])`` gives them, without the layers above it.
+    """
+    padding = tokens.eq(module.padding_idx)  # (B, T)
+    x = module.embed_scale * module.embed_tokens(tokens)  # (B, T, E)
+    if module.token_dropout:
+        x = _token_dropout_scale(module, tokens, x, padding)
+    x = x * (1 - padding.unsqueeze(-1).type_as(x))
+    keep = ~padding[:, None, None, :] if padding.any() else None  # (B, 1, 1, T)
+    for block in module.layers[:layer]:
+        x = _transformer_layer(block, x, keep)
+    if layer == module.num_layers:
+        x = module.emb_layer_norm_after(x)
+    return x
+
+
+def _token_dropout_scale(
+    module: ESM2, tokens: torch.Tensor, x: torch.Tensor, padding: torch.Tensor
+) -> torch.Tensor:
+    """fair-esm's inference-time token-dropout rescaling (x 0.88 when nothing is masked)."""
+    masked = tokens == module.mask_idx  # (B, T)
+    x = x.masked_fill(masked.unsqueeze(-1), 0.0)
+    mask_ratio_train = 0.15 * 0.8
+    src_lengths = (~padding).sum(-1)
+    mask_ratio_observed = masked.sum(-1).to(x.dtype) / src_lengths  # (B,)
+    return x * (1 - mask_ratio_train) / (1 - mask_ratio_observed)[:, None, None]
+
+
+def _transformer_layer(
+    block: torch.nn.Module, x: torch.Tensor, keep: torch.Tensor | None
+) -> torch.Tensor:
+    """One pre-LayerNorm ESM2 layer on (B, T, E), attention through SDPA."""
+    attention = block.self_attn
+    batch, length, embed = x.shape
+    heads, head_dim = attention.num_heads, attention.head_dim
+    h = block.self_attn_layer_norm(x)
+    q = attention.q_proj(h) * attention.scaling  # fair-esm scales q before the rotary
+    k = attention.k_proj(h)
+    v = attention.v_proj(h)
+    q, k, v = (t.view(batch, length, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    q, k = attention.rot_emb(q, k)  # (B, H, T, D)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1.0)
+    x = x + attention.out_proj(out.transpose(1, 2).reshape(batch, length, embed))
+    return x + block.fc2(F.gelu(block.fc1(block.final_layer_norm(x))))
