@@ -296,3 +296,22 @@ class FakeEnsembl:
             return web.json_response({"error": "bad request from fault"}, status=400)
         return web.Response(text=f"<html>{status} error</html>", status=status,
                             content_type="text/html", headers=headers)
+
+
+def _retired(symbol: str) -> bool:
+    """hg19-era clone names (RP11-..., AC147651.3) that current Ensembl does not know."""
+    return "." in symbol or symbol.split("-")[0] in {"RP11", "RP5", "RP4", "RP3", "RP1",
+                                                     "CTD", "CTC", "CTA", "CTB"}
+
+
+def genes_for_symbols(symbols: list[str], *, coding: int = 6, nmd: int = 1,
+                      seed: int = 0) -> list[FakeGene]:
+    """A table serving real gene symbols with synthetic isoforms; retired clone names
+    are left out (so they come back not_found, as on the real server)."""
+    genes = []
+    for number, symbol in enumerate(s for s in symbols if not _retired(s)):
+        (gene,) = synthetic_genes(1, coding=coding, nmd=nmd, seed=seed + number,
+                                  start=number + 1)
+        gene.symbol = symbol
+        genes.append(gene)
+    return genes

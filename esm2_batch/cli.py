@@ -1,0 +1,204 @@
+"""The esm2-batch command: parse flags, build a RunConfig, call the pipeline, map errors.
+
+Thin on purpose: every behaviour lives in the library, so what the CLI does, Python
+callers can do too. Flags use the seed's underscore spellings; dash spellings work too.
+Exit codes: 0 done, 2 bad input or flag, 3 Ensembl, 4 model, 5 embedding, 6 output or
+resume state, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import (
+    EmbeddingError,
+    EnsemblError,
+    EnsemblUnavailableError,
+    Esm2BatchError,
+    InputError,
+    ModelError,
+    StoreError,
+)
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Gene list -> Ensembl isoforms -> ESM2 vectors -> esm_all.pt.")
+
+EXIT_CODES: tuple[tuple[type[Esm2BatchError], int], ...] = (
+    (InputError, 2), (EnsemblError, 3), (ModelError, 4), (EmbeddingError, 5), (StoreError, 6))
+MODEL_SIZES = ("8M", "35M", "150M", "650M", "3B", "15B")
+
+
+def _opt(*names: str, help: str, **kw: object) -> typer.models.OptionInfo:
+    """An option with its dash spelling added: --hvg_file also answers to --hvg-file."""
+    dashed = [n.replace("_", "-") for n in names if n.startswith("--") and "_" in n]
+    return typer.Option(*names, *dashed, help=help, **kw)  # type: ignore[arg-type]
+
+
+Verbose = Annotated[int, typer.Option("-v", "--verbose", count=True, help="More log output.")]
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Only errors; no progress bars.")]
+ModelSize = Annotated[str, _opt("--model_size", help=f"ESM2 size: {', '.join(MODEL_SIZES)}.")]
+ModelPath = Annotated[Path | None, _opt(
+    "--model_path", help="A local ESM2 checkpoint in fair-esm's layout (instead of the size; "
+    "works offline).")]
+Device = Annotated[str | None, _opt("--device", help="cuda or cpu (default: cuda if available).")]
+BatchSize = Annotated[int | None, _opt("--batch_size", help="Max sequences per batch.")]
+Toks = Annotated[int, _opt("--toks_per_batch", help="Token budget per batch (padded, incl. "
+                           "BOS/EOS).")]
+Truncation = Annotated[int, _opt("--truncation", help="Residues kept per sequence (ESM2's "
+                                 "context holds 1022).")]
+LongSeqsOpt = Annotated[str, _opt("--long_seqs", help="truncate (first --truncation residues) "
+                                  "or window (overlapping windows over the whole protein).")]
+Overwrite = Annotated[bool, _opt("--overwrite", help="Replace an existing output or an "
+                                 "unfinished run with other settings.")]
+
+
+@app.callback(invoke_without_command=True)
+def main(
+    ctx: typer.Context,
+    hvg_file: Annotated[Path | None, _opt(
+        "--hvg_file", help="Gene list: one symbol or Ensembl gene ID per line ('#' comments "
+        "ok), or a CSV/TSV with a gene column.")] = None,
+    out: Annotated[Path, _opt("--out", help="Output file.")] = Path("esm_all.pt"),
+    model_size: ModelSize = "650M",
+    model_path: ModelPath = None,
+    device: Device = None,
+    batch_size: BatchSize = None,
+    toks_per_batch: Toks = 4096,
+    parallel_workers: Annotated[int, _opt("--parallel_workers",
+                                          help="Ensembl requests in flight.")] = 10,
+    rate_limit: Annotated[float, _opt("--rate_limit", help="Ensembl requests per second "
+                                      "(Ensembl allows 15 per IP).")] = 10.0,
+    species: Annotated[str, _opt("--species", help="Ensembl species name.")] = "homo_sapiens",
+    ensembl_url: Annotated[str | None, _opt(
+        "--ensembl_url", help="Ensembl REST base URL (default $ENSEMBL_REST_URL, else "
+        "https://rest.ensembl.org).")] = None,
+    biotypes: Annotated[str, _opt("--biotypes", help="Comma-separated transcript biotypes "
+                                  "whose proteins count.")] = "protein_coding",
+    truncation: Truncation = 1022,
+    long_seqs: LongSeqsOpt = "truncate",
+    isoforms: Annotated[Path | None, _opt(
+        "--isoforms", help="Skip Ensembl: a FASTA as written by --save_isoforms.")] = None,
+    save_isoforms: Annotated[Path | None, _opt(
+        "--save_isoforms", help="Also write the fetched isoforms as FASTA.")] = None,
+    overwrite: Overwrite = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Embed every protein isoform of every gene in --hvg_file into --out."""
+    if ctx.invoked_subcommand is not None:
+        return
+    _logging(verbose, quiet)
+    from .pipeline import RunConfig
+
+    config = RunConfig(
+        hvg_file=hvg_file, out=out, model=str(model_path) if model_path else model_size,
+        device=device, batch_size=batch_size, toks_per_batch=toks_per_batch,
+        parallel_workers=parallel_workers, rate_limit=rate_limit, species=species,
+        ensembl_url=ensembl_url, biotypes=_biotypes(biotypes), truncation=truncation,
+        long_seqs=_long_seqs(long_seqs), isoforms=isoforms, save_isoforms=save_isoforms,
+        overwrite=overwrite, progress=not quiet)
+    _guarded(lambda: _run(config, quiet))
+
+
+@app.command("fasta")
+def fasta(
+    inputs: Annotated[list[Path], typer.Argument(help="FASTA files to embed.")],
+    out_dir: Annotated[Path | None, _opt("--out_dir", help="Where <stem>_ESM.pt files go "
+                                         "(default: next to each input).")] = None,
+    model_size: ModelSize = "650M",
+    model_path: ModelPath = None,
+    device: Device = None,
+    batch_size: BatchSize = None,
+    toks_per_batch: Toks = 4096,
+    truncation: Truncation = 1022,
+    long_seqs: LongSeqsOpt = "truncate",
+    overwrite: Overwrite = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Embed FASTA files into <stem>_ESM.pt = {'proteins': [...], 'data': [...]}."""
+    _logging(verbose, quiet)
+
+    def work() -> None:
+        from .models import load_model
+        from .pipeline import run_fasta
+
+        model = load_model(str(model_path) if model_path else model_size, device=device)
+        results = run_fasta(inputs, model=model, out_dir=out_dir,
+                            toks_per_batch=toks_per_batch, batch_size=batch_size,
+                            truncation=truncation, long_seqs=_long_seqs(long_seqs),
+                            overwrite=overwrite, progress=not quiet)
+        for r in results:
+            state = "skipped (exists)" if r.skipped else f"{r.proteins} proteins"
+            failed = f", {r.failed} failed (see extraction_failures.log)" if r.failed else ""
+            _say(f"{r.source} -> {r.out}: {state}{failed}", quiet)
+
+    _guarded(work)
+
+
+def _run(config: object, quiet: bool) -> None:
+    from .pipeline import run
+
+    summary = run(config)  # type: ignore[arg-type]
+    for line in summary.lines():
+        _say(line, quiet)
+    if summary.not_found:
+        _say(f"not found: {', '.join(summary.not_found[:10])}"
+             f"{' ...' if len(summary.not_found) > 10 else ''} (full list in "
+             f"{config.out.with_name(config.out.stem + '.not_found.txt')})", quiet)  # type: ignore[attr-defined]
+
+
+def _guarded(work: object) -> None:
+    """Run `work`; turn our errors into one line on stderr and an exit code."""
+    try:
+        work()  # type: ignore[operator]
+    except Esm2BatchError as exc:
+        typer.echo(f"esm2-batch: error: {exc}{_hint(exc)}", err=True)
+        raise typer.Exit(_exit_code(exc)) from None
+    except KeyboardInterrupt:
+        typer.echo("esm2-batch: interrupted; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
+
+
+def _exit_code(exc: Esm2BatchError) -> int:
+    return next((code for kind, code in EXIT_CODES if isinstance(exc, kind)), 1)
+
+
+def _hint(exc: Esm2BatchError) -> str:
+    if isinstance(exc, EnsemblUnavailableError) and "cannot reach" in str(exc):
+        return (". Offline? Pass --isoforms FILE (a FASTA written by --save_isoforms) to "
+                "skip Ensembl, or --ensembl_url URL for a reachable mirror")
+    return ""
+
+
+def _biotypes(value: str) -> tuple[str, ...]:
+    kinds = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    if not kinds:
+        raise typer.BadParameter("give at least one biotype, e.g. protein_coding",
+                                 param_hint="--biotypes")
+    return kinds
+
+
+def _long_seqs(value: str) -> str:  # type: ignore[return]
+    if value not in ("truncate", "window"):
+        raise typer.BadParameter(f"{value!r} is not one of truncate, window",
+                                 param_hint="--long_seqs")
+    return value
+
+
+def _logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[
+        min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def _say(line: str, quiet: bool) -> None:
+    if not quiet:
+        typer.echo(line)

@@ -1,0 +1,592 @@
+"""Gene list -> esm_all.pt: fetch and embed at the same time, resumable at every step.
+
+    main thread (asyncio)                       consumer thread
+    EnsemblClient.iter_isoforms ──► bounded queue ──► window of pending sequences
+      │ each gene appended to                          │ length-sorted token-budget
+      ▼ <out>.partial/isoforms.jsonl                   ▼ batches (iter_embeddings)
+                                                 rows/NNNNNN.pt chunks (fp16)
+    at the end: esm_all.pt assembled in input order, written to a temporary name and
+    renamed; the partial directory is removed.
+
+Resume: a rerun with the same settings skips genes already in isoforms.jsonl and
+sequences already in a chunk; a rerun after success with a longer list reuses the rows
+of the existing esm_all.pt when its recorded settings match, and fetches and embeds only
+the new genes. Everything that can be checked before an hour of work (the gene list, the
+output directory, the model, the batch budget, the settings of an earlier run) is
+checked first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import platform
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .batching import MAX_RESIDUES, SPECIAL_TOKENS
+from .embed import LongSeqs, clean_sequence, iter_embeddings
+from .ensembl import EnsemblClient, resolve_base_url
+from .errors import InputError, StoreError
+from .fasta import atomic_write_text, read_fasta, read_isoforms_fasta, write_isoforms_fasta
+from .genes import GeneList, dedupe, read_gene_list
+from .models import LoadedModel, load_model
+from .records import GeneIsoforms
+from .store import (
+    EsmFile,
+    PartialStore,
+    assemble,
+    atomic_save,
+    describe_difference,
+    read_esm_file,
+    sequence_key,
+    write_esm_file,
+)
+
+log = logging.getLogger("esm2_batch")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every option of a run; the CLI's flags map one to one onto these fields."""
+
+    hvg_file: Path | None = None
+    out: Path = Path("esm_all.pt")
+    model: str = "650M"
+    device: str | None = None
+    batch_size: int | None = None
+    toks_per_batch: int = 4096
+    parallel_workers: int = 10
+    rate_limit: float = 10.0
+    species: str = "homo_sapiens"
+    ensembl_url: str | None = None
+    biotypes: tuple[str, ...] = ("protein_coding",)
+    truncation: int = MAX_RESIDUES
+    long_seqs: LongSeqs = "truncate"
+    repr_layer: int = -1
+    isoforms: Path | None = None
+    save_isoforms: Path | None = None
+    overwrite: bool = False
+    progress: bool = True
+    queue_genes: int = 256
+
+
+@dataclass
+class RunSummary:
+    """What a run did, for the closing report and for callers."""
+
+    out: Path
+    genes_in: int = 0
+    duplicates: list[str] = field(default_factory=list)
+    resolved: int = 0
+    no_protein: list[str] = field(default_factory=list)
+    not_found: list[str] = field(default_factory=list)
+    isoforms: int = 0
+    distinct_sequences: int = 0
+    embedded_now: int = 0
+    reused_rows: int = 0
+    tokens: int = 0
+    failed: list[str] = field(default_factory=list)
+    missing_sequences: list[str] = field(default_factory=list)
+    fetch_s: float = 0.0
+    embed_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.embed_s if self.embed_s > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        return [
+            f"genes in: {self.genes_in} ({len(self.duplicates)} duplicates dropped)",
+            f"resolved: {self.resolved}, without protein: {len(self.no_protein)}, "
+            f"not found: {len(self.not_found)}",
+            f"isoforms: {self.isoforms}, distinct sequences: {self.distinct_sequences} "
+            f"({self.embedded_now} embedded now, {self.reused_rows} rows reused)",
+            f"tokens embedded: {self.tokens}, failed sequences: {len(self.failed)}",
+            f"wall: fetch {self.fetch_s:.1f} s, embed {self.embed_s:.1f} s, "
+            f"total {self.wall_s:.1f} s; {self.tokens_per_s:.0f} tokens/s",
+            f"wrote {self.out}",
+        ]
+
+
+def _no_bar(progress: bool) -> bool | None:
+    """tqdm's `disable`: None shows bars only on a terminal, so logs stay clean."""
+    return None if progress else True
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+# -- the run ---------------------------------------------------------------------------------
+def run(config: RunConfig, *, model: LoadedModel | None = None) -> RunSummary:
+    """Do the whole job; raise an Esm2BatchError subclass on anything the user can fix."""
+    start = time.perf_counter()
+    genes, from_fasta = _gene_list(config)
+    _check_output(config.out)
+    loaded = model or load_model(config.model, device=config.device)
+    _check_budget(config)
+    settings = run_settings(config, loaded)
+    reused = _reusable(config, settings)
+    store = PartialStore(partial_dir(config.out), settings, overwrite=config.overwrite)
+    summary = RunSummary(out=config.out, genes_in=len(genes.genes),
+                         duplicates=list(genes.duplicates))
+    records = store.cached_genes()
+    worker = EmbedWorker(loaded, store, config)
+    worker.start()
+    try:
+        for query in genes.genes:
+            if query in records:
+                worker.submit(records[query])
+        todo = [q for q in genes.genes if q not in records
+                and (reused is None or q not in reused.gene_to_isoform_indices)]
+        fetch_start = time.perf_counter()
+        _fetch(config, todo, from_fasta, store, worker, records)
+        summary.fetch_s = time.perf_counter() - fetch_start
+        worker.close()
+        worker.join()
+        worker.raise_error()
+    finally:
+        worker.stop()
+    _finish(config, genes.genes, records, store, loaded, reused, worker, summary)
+    summary.wall_s = time.perf_counter() - start
+    return summary
+
+
+def _gene_list(config: RunConfig) -> tuple[GeneList, dict[str, GeneIsoforms] | None]:
+    """The queries, from --hvg_file, else the genes of the --isoforms FASTA."""
+    from_fasta = None
+    if config.isoforms is not None:
+        from_fasta = {g.query: g for g in read_isoforms_fasta(config.isoforms)}
+    if config.hvg_file is not None:
+        return read_gene_list(config.hvg_file), from_fasta
+    if from_fasta:
+        return dedupe(from_fasta), from_fasta
+    raise InputError("no genes: pass --hvg_file FILE (one gene per line) or --isoforms "
+                     "FASTA")
+
+
+def _check_output(out: Path) -> None:
+    """Fail now, not after the run, if the output cannot be written."""
+    parent = out.resolve().parent
+    if out.is_dir():
+        raise InputError(f"{out}: is a directory; --out takes a file name like esm_all.pt")
+    if not parent.is_dir():
+        raise InputError(f"{parent}: the output directory does not exist; create it or "
+                         "choose another --out")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{parent}: the output directory is not writable; choose another "
+                         "--out")
+
+
+def _check_budget(config: RunConfig) -> None:
+    need = min(config.truncation, MAX_RESIDUES) + SPECIAL_TOKENS
+    if config.toks_per_batch < need:
+        raise InputError(f"--toks_per_batch {config.toks_per_batch} cannot hold one "
+                         f"sequence of {need - SPECIAL_TOKENS} residues; use at least {need} "
+                         "or lower --truncation")
+
+
+def run_settings(config: RunConfig, model: LoadedModel) -> dict[str, Any]:
+    """What the rows and the fetched isoforms depend on; a resume must match them."""
+    layer = config.repr_layer % (model.num_layers + 1)
+    return {"model": model.name, "embed_dim": model.embed_dim, "num_layers": model.num_layers,
+            "layer": layer, "pooling": "mean", "truncation": config.truncation,
+            "long_seqs": config.long_seqs, "species": config.species,
+            "biotypes": sorted(config.biotypes)}
+
+
+def _reusable(config: RunConfig, settings: dict[str, Any]) -> EsmFile | None:
+    """An existing esm_all.pt whose rows can be reused, or None (or an error)."""
+    if not config.out.exists() or config.overwrite:
+        return None
+    existing = read_esm_file(config.out)
+    old = existing.meta.get("settings")
+    if old != settings:
+        diff = describe_difference(old or {}, settings) if isinstance(old, dict) else "none"
+        raise StoreError(f"{config.out}: exists with other settings ({diff}); pass "
+                         "--overwrite to replace it or choose another --out")
+    return existing
+
+
+# -- fetching --------------------------------------------------------------------------------
+def _fetch(config: RunConfig, todo: list[str], from_fasta: dict[str, GeneIsoforms] | None,
+           store: PartialStore, worker: EmbedWorker,
+           records: dict[str, GeneIsoforms]) -> None:
+    """Get isoforms of `todo` (FASTA or Ensembl), caching and queueing each gene."""
+    bar = tqdm(total=len(todo), desc="genes fetched", unit="gene",
+               disable=_no_bar(config.progress and bool(todo)))
+
+    def accept(gene: GeneIsoforms) -> None:
+        store.append_genes([gene])
+        records[gene.query] = gene
+        bar.update(1)
+        worker.submit(gene)
+
+    try:
+        if from_fasta is not None:
+            for query in todo:
+                accept(from_fasta.get(query) or GeneIsoforms(query, None, None, (),
+                                                             "not_found"))
+        elif todo:
+            asyncio.run(_fetch_ensembl(config, todo, accept, worker))
+    finally:
+        bar.close()
+
+
+async def _fetch_ensembl(config: RunConfig, todo: list[str],
+                         accept: Callable[[GeneIsoforms], None], worker: EmbedWorker) -> None:
+    async with EnsemblClient(species=config.species, base_url=config.ensembl_url,
+                             rate_limit=config.rate_limit,
+                             parallel_workers=config.parallel_workers,
+                             biotypes=config.biotypes) as client:
+        async for gene in client.iter_isoforms(todo):
+            if worker.full():  # backpressure without blocking the event loop
+                await asyncio.to_thread(worker.wait_for_room)
+            worker.raise_error()
+            accept(gene)
+
+
+# -- embedding -------------------------------------------------------------------------------
+class EmbedWorker(threading.Thread):
+    """The consumer: collect a window of distinct pending sequences, embed, persist.
+
+    It embeds when the window holds `window_batches` batches' worth of tokens, or when
+    the queue runs dry with at least one batch's worth waiting (the device would idle
+    otherwise), or at the end. Within a window, iter_embeddings sorts by length and packs
+    token-budget batches; rows are flushed to a chunk every `flush_rows` rows.
+    """
+
+    window_batches = 8
+    flush_rows = 256
+    _CLOSE = object()
+
+    def __init__(self, model: LoadedModel, store: PartialStore, config: RunConfig) -> None:
+        super().__init__(name="esm2-embed", daemon=True)
+        self.model, self.store, self.config = model, store, config
+        self.done: set[str] = store.embedded_keys()
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=config.queue_genes)
+        self.failed: dict[str, tuple[str, str]] = {}  # key -> (protein id, error)
+        self.error: BaseException | None = None
+        self.embedded = self.tokens = 0
+        self.busy_s = 0.0
+        self._pending: dict[str, tuple[str, str]] = {}  # key -> (protein id, sequence)
+        self._stopping = threading.Event()
+        self._bar = tqdm(total=0, desc="residues embedded", unit="aa", unit_scale=True,
+                         disable=_no_bar(config.progress))
+
+    # producer side
+    def submit(self, gene: GeneIsoforms) -> None:
+        self.raise_error()
+        while not self._stopping.is_set():
+            try:
+                self.queue.put(gene, timeout=0.2)
+                return
+            except queue.Full:
+                self.raise_error()
+
+    def full(self) -> bool:
+        return self.queue.full()
+
+    def wait_for_room(self) -> None:
+        while self.queue.full() and self.is_alive() and not self._stopping.is_set():
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.submit(self._CLOSE)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        """Ask the thread to end and wait for it, so no torch work outlives the run."""
+        self._stopping.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join()
+        self._bar.close()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    # consumer side
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # handed to the main thread, which raises it
+            self.error = exc
+
+    def _loop(self) -> None:
+        budget = self.config.toks_per_batch
+        closed = False
+        while not self._stopping.is_set():
+            closed = self._drain(block=not closed and self._tokens_pending() < budget) or closed
+            waiting = self._tokens_pending()
+            if closed or waiting >= budget * self.window_batches or (
+                    waiting >= budget and self.queue.empty()):
+                self._embed_pending()
+            if closed and not self._pending:
+                return
+
+    def _drain(self, *, block: bool) -> bool:
+        """Move queued genes' new sequences into the window; True once closed."""
+        try:
+            item = self.queue.get(timeout=0.1) if block else self.queue.get_nowait()
+        except queue.Empty:
+            return False
+        while True:
+            if item is self._CLOSE:
+                return True
+            self._add(item)
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return False
+
+    def _add(self, gene: GeneIsoforms) -> None:
+        for iso in gene.isoforms:
+            key = sequence_key(iso.sequence)
+            if key in self.done or key in self._pending or key in self.failed:
+                continue
+            try:
+                clean_sequence(iso.sequence, name=iso.protein_id)
+            except InputError as exc:  # one odd sequence must not stop the run
+                self.failed[key] = (iso.protein_id, str(exc))
+                continue
+            self._pending[key] = (iso.protein_id, iso.sequence)
+            self._bar.total += self._kept(iso.sequence)
+        self._bar.refresh()
+
+    def _kept(self, sequence: str) -> int:
+        full = self.config.long_seqs == "window"
+        return len(sequence) if full else min(len(sequence), self.config.truncation)
+
+    def _tokens_pending(self) -> int:
+        return sum(self._kept(s) + SPECIAL_TOKENS for _, s in self._pending.values())
+
+    def _embed_pending(self) -> None:
+        pending = list(self._pending.items())
+        self._pending.clear()
+        if not pending:
+            return
+        started = time.perf_counter()
+        keys: list[str] = []
+        rows: list[torch.Tensor] = []
+        for result in iter_embeddings(
+                self.model, [named for _, named in pending],
+                toks_per_batch=self.config.toks_per_batch,
+                batch_size=self.config.batch_size, truncation=self.config.truncation,
+                long_seqs=self.config.long_seqs, repr_layer=self.config.repr_layer):
+            if self._stopping.is_set():
+                break
+            key, (protein_id, sequence) = pending[result.index]
+            self._bar.update(self._kept(sequence))
+            if result.row is None:
+                self.failed[key] = (protein_id, str(result.error))
+                continue
+            keys.append(key)
+            rows.append(result.row)
+            self.tokens += self._kept(sequence) + SPECIAL_TOKENS
+            if len(keys) >= self.flush_rows:
+                self._flush(keys, rows)
+        self._flush(keys, rows)
+        self.busy_s += time.perf_counter() - started
+
+    def _flush(self, keys: list[str], rows: list[torch.Tensor]) -> None:
+        if keys:
+            self.store.add_rows(list(keys), torch.stack(rows))
+            self.done.update(keys)
+            self.embedded += len(keys)
+            keys.clear()
+            rows.clear()
+
+
+# -- finishing -------------------------------------------------------------------------------
+def _finish(config: RunConfig, genes: Sequence[str], records: dict[str, GeneIsoforms],
+            store: PartialStore, model: LoadedModel, reused: EsmFile | None,
+            worker: EmbedWorker, summary: RunSummary) -> None:
+    """Assemble and write esm_all.pt, the side files, then drop the partial directory."""
+    failed = set(worker.failed)
+    chosen = {q: _without(records[q], failed) for q in genes if q in records}
+    _count(summary, genes, chosen, reused, worker)
+    meta = _meta(config, store.settings, model, genes, chosen, reused, summary)
+    data = assemble(genes, chosen, store.load_rows(), dim=model.embed_dim, meta=meta,
+                    reused=reused)
+    written = write_esm_file(config.out, data)
+    summary.isoforms = len(written.protein_ids)
+    _side_files(config, chosen, summary, worker)
+    store.remove()
+
+
+def _without(gene: GeneIsoforms, failed: set[str]) -> GeneIsoforms:
+    """Drop isoforms whose sequence failed to embed (they are reported, not hidden)."""
+    kept = tuple(i for i in gene.isoforms if sequence_key(i.sequence) not in failed)
+    if len(kept) == len(gene.isoforms):
+        return gene
+    dropped = tuple(i.protein_id for i in gene.isoforms if i not in kept)
+    status = "ok" if kept else "no_protein"
+    return GeneIsoforms(gene.query, gene.gene_id, gene.symbol, kept, status,
+                        gene.missing_protein_ids + dropped)
+
+
+def _count(summary: RunSummary, genes: Sequence[str], chosen: dict[str, GeneIsoforms],
+           reused: EsmFile | None, worker: EmbedWorker) -> None:
+    old_status = reused.meta.get("status", {}) if reused is not None else {}
+    for query in genes:
+        gene = chosen.get(query)
+        status = gene.status if gene is not None else old_status.get(query, "ok")
+        if gene is None and reused is not None:
+            summary.reused_rows += len(reused.rows_of(query))
+        if status == "ok":
+            summary.resolved += 1
+        elif status == "no_protein":
+            summary.no_protein.append(query)
+        else:
+            summary.not_found.append(query)
+        if gene is not None:
+            summary.missing_sequences += list(gene.missing_protein_ids)
+    summary.distinct_sequences = len({sequence_key(i.sequence) for g in chosen.values()
+                                      for i in g.isoforms})
+    summary.embedded_now = worker.embedded
+    summary.tokens = worker.tokens
+    summary.embed_s = worker.busy_s
+    summary.failed = sorted(pid for pid, _ in worker.failed.values())
+
+
+def _meta(config: RunConfig, settings: dict[str, Any], model: LoadedModel,
+          genes: Sequence[str], chosen: dict[str, GeneIsoforms], reused: EsmFile | None,
+          summary: RunSummary) -> dict[str, Any]:
+    old = reused.meta if reused is not None else {}
+    status = {q: (chosen[q].status if q in chosen else old.get("status", {}).get(q, "ok"))
+              for q in genes}
+    gene_ids = {q: (chosen[q].gene_id if q in chosen else old.get("gene_ids", {}).get(q))
+                for q in genes}
+    import esm
+
+    return {
+        **settings, "settings": settings, "dtype": "float16",
+        "compute_dtype": str(model.dtype).removeprefix("torch."),
+        "ensembl_url": None if config.isoforms else resolve_base_url(config.ensembl_url),
+        "isoform_source": str(config.isoforms) if config.isoforms else "ensembl-rest",
+        "status": status, "gene_ids": {q: g for q, g in gene_ids.items() if g},
+        "versions": {"esm2_batch": __version__, "torch": str(torch.__version__),
+                     "fair_esm": getattr(esm, "__version__", "unknown"),
+                     "python": platform.python_version()},
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _side_files(config: RunConfig, chosen: dict[str, GeneIsoforms], summary: RunSummary,
+                worker: EmbedWorker) -> None:
+    """not_found list next to the output, failures if any, and --save_isoforms."""
+    out = config.out
+    _write_list(out.with_name(out.stem + ".not_found.txt"), summary.not_found)
+    _write_list(out.with_name(out.stem + ".failed.tsv"),
+                sorted(f"{pid}\t{error}" for pid, error in worker.failed.values()))
+    if config.save_isoforms is not None:
+        write_isoforms_fasta(config.save_isoforms, chosen.values())
+
+
+def _write_list(path: Path, lines: Iterable[str]) -> None:
+    lines = list(lines)
+    if lines:
+        atomic_write_text(path, "\n".join(lines) + "\n")
+    else:
+        path.unlink(missing_ok=True)
+
+
+# -- FASTA mode ------------------------------------------------------------------------------
+FAILURE_LOG = "extraction_failures.log"
+
+
+@dataclass
+class FastaResult:
+    """One input file of FASTA mode: where its rows went and what failed."""
+
+    source: Path
+    out: Path
+    proteins: int = 0
+    failed: int = 0
+    skipped: bool = False
+
+
+def fasta_output(source: Path, out_dir: Path | None) -> Path:
+    """IN.fa -> <out_dir or IN's directory>/IN_ESM.pt (seed 002's naming)."""
+    name = source.name.removesuffix(".gz")
+    for suffix in (".fasta", ".fa", ".faa", ".fas", ".pep"):
+        name = name.removesuffix(suffix)
+    return (out_dir or source.parent) / f"{name}_ESM.pt"
+
+
+def run_fasta(inputs: Sequence[Path], *, model: LoadedModel, out_dir: Path | None = None,
+              toks_per_batch: int = 4096, batch_size: int | None = None,
+              truncation: int = MAX_RESIDUES, long_seqs: LongSeqs = "truncate",
+              repr_layer: int = -1, overwrite: bool = False,
+              progress: bool = True) -> list[FastaResult]:
+    """Embed each FASTA file into {'proteins': [labels], 'data': [float32 1-D tensors]}.
+
+    Labels are the first word of each header, in file order. Inputs whose output exists
+    are skipped (rerun to resume a batch of files); sequences or files that fail are
+    logged to extraction_failures.log (timestamp | file | id | error) and the rest go on.
+    """
+    if out_dir is not None and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: no such output directory; create it first")
+    options = {"toks_per_batch": toks_per_batch, "batch_size": batch_size,
+               "truncation": truncation, "long_seqs": long_seqs, "repr_layer": repr_layer}
+    results = []
+    for source in tqdm(inputs, desc="FASTA files", unit="file", disable=_no_bar(progress)):
+        result = FastaResult(source, fasta_output(source, out_dir))
+        if result.out.exists() and not overwrite:
+            result.skipped = True
+            log.info("%s: exists, skipping %s", result.out, source)
+        else:
+            _embed_fasta_file(result, model, options)
+        results.append(result)
+    return results
+
+
+def _embed_fasta_file(result: FastaResult, model: LoadedModel, options: dict[str, Any]) -> None:
+    failures: list[tuple[str, str]] = []
+    try:
+        records = read_fasta(result.source)
+    except InputError as exc:
+        _log_failures(result, [("-", str(exc))])
+        result.failed = 1
+        return
+    valid: list[tuple[int, str, str]] = []
+    for position, (header, sequence) in enumerate(records):
+        label = header.split()[0] if header.split() else f"record_{position + 1}"
+        try:
+            valid.append((position, label, clean_sequence(sequence, name=label)))
+        except InputError as exc:
+            failures.append((label, str(exc)))
+    rows: dict[int, torch.Tensor] = {}
+    for item in iter_embeddings(model, [(label, seq) for _, label, seq in valid], **options):
+        if item.row is None:
+            failures.append((item.name, str(item.error)))
+        else:
+            rows[item.index] = item.row
+    ordered = [i for i in range(len(valid)) if i in rows]
+    data = {"proteins": [valid[i][1] for i in ordered],
+            "data": [rows[i].to(torch.float32).clone() for i in ordered]}
+    atomic_save(data, result.out)
+    result.proteins, result.failed = len(ordered), len(failures)
+    _log_failures(result, failures)
+
+
+def _log_failures(result: FastaResult, failures: list[tuple[str, str]]) -> None:
+    if not failures:
+        return
+    stamp = dt.datetime.now().isoformat(timespec="seconds")
+    with open(result.out.parent / FAILURE_LOG, "a", encoding="utf-8") as handle:
+        for label, error in failures:
+            handle.write(f"{stamp} | {result.source} | {label} | {error}\n")
