@@ -54,6 +54,11 @@ Truncation = Annotated[int, _opt("--truncation", help="Residues kept per sequenc
                                  "context holds 1022).")]
 LongSeqsOpt = Annotated[str, _opt("--long_seqs", help="truncate (first --truncation residues) "
                                   "or window (overlapping windows over the whole protein).")]
+RayAddress = Annotated[str | None, _opt(
+    "--ray", help="Embed on Ray: 'local' (start one on this machine), 'auto' (join "
+    "$RAY_ADDRESS) or a cluster address. Needs the [ray] extra.")]
+RayActors = Annotated[int | None, _opt("--ray_actors", help="Ray actors (default: one per "
+                                       "GPU, or CPUs / 2).")]
 Overwrite = Annotated[bool, _opt("--overwrite", help="Replace an existing output or an "
                                  "unfinished run with other settings.")]
 
@@ -87,6 +92,8 @@ def main(
     save_isoforms: Annotated[Path | None, _opt(
         "--save_isoforms", help="Also write the fetched isoforms as FASTA.")] = None,
     overwrite: Overwrite = False,
+    ray: RayAddress = None,
+    ray_actors: RayActors = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -102,7 +109,7 @@ def main(
         parallel_workers=parallel_workers, rate_limit=rate_limit, species=species,
         ensembl_url=ensembl_url, biotypes=_biotypes(biotypes), truncation=truncation,
         long_seqs=_long_seqs(long_seqs), isoforms=isoforms, save_isoforms=save_isoforms,
-        overwrite=overwrite, progress=not quiet)
+        overwrite=overwrite, progress=not quiet, ray=ray, ray_actors=ray_actors)
     _guarded(lambda: _run(config, quiet))
 
 
@@ -119,6 +126,8 @@ def fasta(
     truncation: Truncation = 1022,
     long_seqs: LongSeqsOpt = "truncate",
     overwrite: Overwrite = False,
+    ray: RayAddress = None,
+    ray_actors: RayActors = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -126,14 +135,18 @@ def fasta(
     _logging(verbose, quiet)
 
     def work() -> None:
+        from .distributed import RayOptions
         from .models import load_model
         from .pipeline import run_fasta
 
-        model = load_model(str(model_path) if model_path else model_size, device=device)
+        source = str(model_path) if model_path else model_size
+        model = load_model(source, device=device)
+        cluster = RayOptions(address=ray, actors=ray_actors, device=device) if ray else None
         results = run_fasta(inputs, model=model, out_dir=out_dir,
                             toks_per_batch=toks_per_batch, batch_size=batch_size,
                             truncation=truncation, long_seqs=_long_seqs(long_seqs),
-                            overwrite=overwrite, progress=not quiet)
+                            overwrite=overwrite, progress=not quiet, ray=cluster,
+                            model_source=source)
         for r in results:
             state = "skipped (exists)" if r.skipped else f"{r.proteins} proteins"
             failed = f", {r.failed} failed (see extraction_failures.log)" if r.failed else ""

@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .batching import MAX_RESIDUES, SPECIAL_TOKENS
+from .distributed import RayOptions, RayStats, check_cluster, embed_on_ray
 from .embed import LongSeqs, clean_sequence, iter_embeddings
 from .ensembl import EnsemblClient, resolve_base_url
 from .errors import InputError, StoreError
@@ -80,6 +81,8 @@ class RunConfig:
     overwrite: bool = False
     progress: bool = True
     queue_genes: int = 256
+    ray: str | None = None          # "local", "auto" or a cluster address
+    ray_actors: int | None = None
 
 
 @dataclass
@@ -144,7 +147,8 @@ def run(config: RunConfig, *, model: LoadedModel | None = None) -> RunSummary:
     summary = RunSummary(out=config.out, genes_in=len(genes.genes),
                          duplicates=list(genes.duplicates))
     records = store.cached_genes()
-    worker = EmbedWorker(loaded, store, config)
+    worker: Stage = (
+        RayEmbedStage if config.ray else EmbedWorker)(loaded, store, config)
     worker.start()
     try:
         for query in genes.genes:
@@ -223,7 +227,7 @@ def _reusable(config: RunConfig, settings: dict[str, Any]) -> EsmFile | None:
 
 # -- fetching --------------------------------------------------------------------------------
 def _fetch(config: RunConfig, todo: list[str], from_fasta: dict[str, GeneIsoforms] | None,
-           store: PartialStore, worker: EmbedWorker,
+           store: PartialStore, worker: Stage,
            records: dict[str, GeneIsoforms]) -> None:
     """Get isoforms of `todo` (FASTA or Ensembl), caching and queueing each gene."""
     bar = tqdm(total=len(todo), desc="genes fetched", unit="gene",
@@ -247,7 +251,7 @@ def _fetch(config: RunConfig, todo: list[str], from_fasta: dict[str, GeneIsoform
 
 
 async def _fetch_ensembl(config: RunConfig, todo: list[str],
-                         accept: Callable[[GeneIsoforms], None], worker: EmbedWorker) -> None:
+                         accept: Callable[[GeneIsoforms], None], worker: Stage) -> None:
     async with EnsemblClient(species=config.species, base_url=config.ensembl_url,
                              rate_limit=config.rate_limit,
                              parallel_workers=config.parallel_workers,
@@ -260,7 +264,56 @@ async def _fetch_ensembl(config: RunConfig, todo: list[str],
 
 
 # -- embedding -------------------------------------------------------------------------------
-class EmbedWorker(threading.Thread):
+class PendingSequences:
+    """What both embedding stages share: distinct sequences not yet embedded, the rows
+    persisted through the store, and failures recorded by protein ID."""
+
+    def __init__(self, model: LoadedModel, store: PartialStore, config: RunConfig) -> None:
+        self.model, self.store, self.config = model, store, config
+        self.done: set[str] = store.embedded_keys()
+        self.failed: dict[str, tuple[str, str]] = {}  # key -> (protein id, error)
+        self.embedded = self.tokens = 0
+        self.busy_s = 0.0
+        self._pending: dict[str, tuple[str, str]] = {}  # key -> (protein id, sequence)
+        self._bar = tqdm(total=0, desc="residues embedded", unit="aa", unit_scale=True,
+                         disable=_no_bar(config.progress))
+
+    def _add(self, gene: GeneIsoforms) -> None:
+        for iso in gene.isoforms:
+            key = sequence_key(iso.sequence)
+            if key in self.done or key in self._pending or key in self.failed:
+                continue
+            try:
+                clean_sequence(iso.sequence, name=iso.protein_id)
+            except InputError as exc:  # one odd sequence must not stop the run
+                self.failed[key] = (iso.protein_id, str(exc))
+                continue
+            self._pending[key] = (iso.protein_id, iso.sequence)
+            self._bar.total += self._kept(iso.sequence)
+        self._bar.refresh()
+
+    def _kept(self, sequence: str) -> int:
+        full = self.config.long_seqs == "window"
+        return len(sequence) if full else min(len(sequence), self.config.truncation)
+
+    def _tokens_pending(self) -> int:
+        return sum(self._kept(s) + SPECIAL_TOKENS for _, s in self._pending.values())
+
+    def _persist(self, keys: list[str], rows: torch.Tensor) -> None:
+        """Write rows as one chunk and count them (and their tokens) as done."""
+        if not keys:
+            return
+        self.store.add_rows(list(keys), rows)
+        self.done.update(keys)
+        self.embedded += len(keys)
+
+    def _embed_options(self) -> dict[str, Any]:
+        return {"toks_per_batch": self.config.toks_per_batch,
+                "batch_size": self.config.batch_size, "truncation": self.config.truncation,
+                "long_seqs": self.config.long_seqs, "repr_layer": self.config.repr_layer}
+
+
+class EmbedWorker(PendingSequences, threading.Thread):
     """The consumer: collect a window of distinct pending sequences, embed, persist.
 
     It embeds when the window holds `window_batches` batches' worth of tokens, or when
@@ -274,18 +327,11 @@ class EmbedWorker(threading.Thread):
     _CLOSE = object()
 
     def __init__(self, model: LoadedModel, store: PartialStore, config: RunConfig) -> None:
-        super().__init__(name="esm2-embed", daemon=True)
-        self.model, self.store, self.config = model, store, config
-        self.done: set[str] = store.embedded_keys()
+        PendingSequences.__init__(self, model, store, config)
+        threading.Thread.__init__(self, name="esm2-embed", daemon=True)
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=config.queue_genes)
-        self.failed: dict[str, tuple[str, str]] = {}  # key -> (protein id, error)
         self.error: BaseException | None = None
-        self.embedded = self.tokens = 0
-        self.busy_s = 0.0
-        self._pending: dict[str, tuple[str, str]] = {}  # key -> (protein id, sequence)
         self._stopping = threading.Event()
-        self._bar = tqdm(total=0, desc="residues embedded", unit="aa", unit_scale=True,
-                         disable=_no_bar(config.progress))
 
     # producer side
     def submit(self, gene: GeneIsoforms) -> None:
@@ -352,27 +398,6 @@ class EmbedWorker(threading.Thread):
             except queue.Empty:
                 return False
 
-    def _add(self, gene: GeneIsoforms) -> None:
-        for iso in gene.isoforms:
-            key = sequence_key(iso.sequence)
-            if key in self.done or key in self._pending or key in self.failed:
-                continue
-            try:
-                clean_sequence(iso.sequence, name=iso.protein_id)
-            except InputError as exc:  # one odd sequence must not stop the run
-                self.failed[key] = (iso.protein_id, str(exc))
-                continue
-            self._pending[key] = (iso.protein_id, iso.sequence)
-            self._bar.total += self._kept(iso.sequence)
-        self._bar.refresh()
-
-    def _kept(self, sequence: str) -> int:
-        full = self.config.long_seqs == "window"
-        return len(sequence) if full else min(len(sequence), self.config.truncation)
-
-    def _tokens_pending(self) -> int:
-        return sum(self._kept(s) + SPECIAL_TOKENS for _, s in self._pending.values())
-
     def _embed_pending(self) -> None:
         pending = list(self._pending.items())
         self._pending.clear()
@@ -381,11 +406,8 @@ class EmbedWorker(threading.Thread):
         started = time.perf_counter()
         keys: list[str] = []
         rows: list[torch.Tensor] = []
-        for result in iter_embeddings(
-                self.model, [named for _, named in pending],
-                toks_per_batch=self.config.toks_per_batch,
-                batch_size=self.config.batch_size, truncation=self.config.truncation,
-                long_seqs=self.config.long_seqs, repr_layer=self.config.repr_layer):
+        for result in iter_embeddings(self.model, [named for _, named in pending],
+                                      **self._embed_options()):
             if self._stopping.is_set():
                 break
             key, (protein_id, sequence) = pending[result.index]
@@ -403,17 +425,75 @@ class EmbedWorker(threading.Thread):
 
     def _flush(self, keys: list[str], rows: list[torch.Tensor]) -> None:
         if keys:
-            self.store.add_rows(list(keys), torch.stack(rows))
-            self.done.update(keys)
-            self.embedded += len(keys)
+            self._persist(keys, torch.stack(rows))
             keys.clear()
             rows.clear()
+
+
+class RayEmbedStage(PendingSequences):
+    """The embedding stage on Ray: genes are collected while the driver fetches, then
+    the distinct pending sequences run on Ray actors and stream back into the store."""
+
+    def __init__(self, model: LoadedModel, store: PartialStore, config: RunConfig) -> None:
+        super().__init__(model, store, config)
+        self.ray_stats: RayStats | None = None
+        self.options = RayOptions(address=config.ray or "local", actors=config.ray_actors,
+                                  device=config.device, embed_options=self._embed_options())
+
+    def start(self) -> None:
+        """Join the cluster and check its resources now, before any fetching."""
+        check_cluster(self.options)
+
+    def submit(self, gene: GeneIsoforms) -> None:
+        self._add(gene)
+
+    def full(self) -> bool:
+        return False
+
+    def wait_for_room(self) -> None:
+        """Never full: sequences wait in memory until close()."""
+
+    def raise_error(self) -> None:
+        """Errors surface from close() directly."""
+
+    def join(self) -> None:
+        """close() runs synchronously."""
+
+    def stop(self) -> None:
+        self._bar.close()
+
+    def close(self) -> None:
+        items = [(key, pid, seq) for key, (pid, seq) in self._pending.items()]
+        self._pending.clear()
+        model = _portable_model(self.config.model)
+        lengths = {key: self._kept(seq) for key, _, seq in items}
+
+        def on_rows(keys: list[str], rows: torch.Tensor) -> None:
+            self._persist(keys, rows)
+            self.tokens += sum(lengths[k] + SPECIAL_TOKENS for k in keys)
+            self._bar.update(sum(lengths[k] for k in keys))
+
+        def on_failure(key: str, name: str, error: str) -> None:
+            self.failed[key] = (name, error)
+
+        self.ray_stats = embed_on_ray(items, model=model, options=self.options, on_rows=on_rows,
+                                      on_failure=on_failure)
+        self.busy_s = self.ray_stats.wall_s
+
+
+Stage = EmbedWorker | RayEmbedStage
+
+
+def _portable_model(model: str) -> str:
+    """A checkpoint path made absolute, since Ray workers may run elsewhere."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
 
 
 # -- finishing -------------------------------------------------------------------------------
 def _finish(config: RunConfig, genes: Sequence[str], records: dict[str, GeneIsoforms],
             store: PartialStore, model: LoadedModel, reused: EsmFile | None,
-            worker: EmbedWorker, summary: RunSummary) -> None:
+            worker: PendingSequences, summary: RunSummary) -> None:
     """Assemble and write esm_all.pt, the side files, then drop the partial directory."""
     failed = set(worker.failed)
     chosen = {q: _without(records[q], failed) for q in genes if q in records}
@@ -439,7 +519,7 @@ def _without(gene: GeneIsoforms, failed: set[str]) -> GeneIsoforms:
 
 
 def _count(summary: RunSummary, genes: Sequence[str], chosen: dict[str, GeneIsoforms],
-           reused: EsmFile | None, worker: EmbedWorker) -> None:
+           reused: EsmFile | None, worker: PendingSequences) -> None:
     old_status = reused.meta.get("status", {}) if reused is not None else {}
     for query in genes:
         gene = chosen.get(query)
@@ -486,7 +566,7 @@ def _meta(config: RunConfig, settings: dict[str, Any], model: LoadedModel,
 
 
 def _side_files(config: RunConfig, chosen: dict[str, GeneIsoforms], summary: RunSummary,
-                worker: EmbedWorker) -> None:
+                worker: PendingSequences) -> None:
     """not_found list next to the output, failures if any, and --save_isoforms."""
     out = config.out
     _write_list(out.with_name(out.stem + ".not_found.txt"), summary.not_found)
@@ -531,17 +611,23 @@ def run_fasta(inputs: Sequence[Path], *, model: LoadedModel, out_dir: Path | Non
               toks_per_batch: int = 4096, batch_size: int | None = None,
               truncation: int = MAX_RESIDUES, long_seqs: LongSeqs = "truncate",
               repr_layer: int = -1, overwrite: bool = False,
-              progress: bool = True) -> list[FastaResult]:
+              progress: bool = True, ray: RayOptions | None = None,
+              model_source: str | None = None) -> list[FastaResult]:
     """Embed each FASTA file into {'proteins': [labels], 'data': [float32 1-D tensors]}.
 
     Labels are the first word of each header, in file order. Inputs whose output exists
     are skipped (rerun to resume a batch of files); sequences or files that fail are
     logged to extraction_failures.log (timestamp | file | id | error) and the rest go on.
+    With `ray`, each file's sequences run on Ray actors loading `model_source`.
     """
     if out_dir is not None and not out_dir.is_dir():
         raise InputError(f"{out_dir}: no such output directory; create it first")
     options = {"toks_per_batch": toks_per_batch, "batch_size": batch_size,
                "truncation": truncation, "long_seqs": long_seqs, "repr_layer": repr_layer}
+    if ray is not None:
+        ray = replace(ray, embed_options=options)
+        check_cluster(ray)
+    embed = _fasta_embedder(model, options, ray, _portable_model(model_source or model.name))
     results = []
     for source in tqdm(inputs, desc="FASTA files", unit="file", disable=_no_bar(progress)):
         result = FastaResult(source, fasta_output(source, out_dir))
@@ -549,12 +635,44 @@ def run_fasta(inputs: Sequence[Path], *, model: LoadedModel, out_dir: Path | Non
             result.skipped = True
             log.info("%s: exists, skipping %s", result.out, source)
         else:
-            _embed_fasta_file(result, model, options)
+            _embed_fasta_file(result, embed)
         results.append(result)
     return results
 
 
-def _embed_fasta_file(result: FastaResult, model: LoadedModel, options: dict[str, Any]) -> None:
+FastaEmbed = Callable[[list[tuple[str, str]]], tuple[dict[int, torch.Tensor],
+                                                      list[tuple[str, str]]]]
+
+
+def _fasta_embedder(model: LoadedModel, options: dict[str, Any], ray: RayOptions | None,
+                    source: str) -> FastaEmbed:
+    """(label, sequence) pairs -> (rows by position, failures), in process or on Ray."""
+
+    def local(named: list[tuple[str, str]]) -> tuple[dict[int, torch.Tensor], list]:
+        rows: dict[int, torch.Tensor] = {}
+        failures: list[tuple[str, str]] = []
+        for item in iter_embeddings(model, named, **options):
+            if item.row is None:
+                failures.append((item.name, str(item.error)))
+            else:
+                rows[item.index] = item.row
+        return rows, failures
+
+    def on_ray(named: list[tuple[str, str]]) -> tuple[dict[int, torch.Tensor], list]:
+        assert ray is not None
+        rows: dict[int, torch.Tensor] = {}
+        failures: list[tuple[str, str]] = []
+        items = [(str(i), label, seq) for i, (label, seq) in enumerate(named)]
+        embed_on_ray(items, model=source, options=ray,
+                     on_rows=lambda keys, emb: rows.update(zip(map(int, keys), emb,
+                                                               strict=True)),
+                     on_failure=lambda key, name, error: failures.append((name, error)))
+        return rows, failures
+
+    return local if ray is None else on_ray
+
+
+def _embed_fasta_file(result: FastaResult, embed: FastaEmbed) -> None:
     failures: list[tuple[str, str]] = []
     try:
         records = read_fasta(result.source)
@@ -562,21 +680,17 @@ def _embed_fasta_file(result: FastaResult, model: LoadedModel, options: dict[str
         _log_failures(result, [("-", str(exc))])
         result.failed = 1
         return
-    valid: list[tuple[int, str, str]] = []
+    valid: list[tuple[str, str]] = []
     for position, (header, sequence) in enumerate(records):
         label = header.split()[0] if header.split() else f"record_{position + 1}"
         try:
-            valid.append((position, label, clean_sequence(sequence, name=label)))
+            valid.append((label, clean_sequence(sequence, name=label)))
         except InputError as exc:
             failures.append((label, str(exc)))
-    rows: dict[int, torch.Tensor] = {}
-    for item in iter_embeddings(model, [(label, seq) for _, label, seq in valid], **options):
-        if item.row is None:
-            failures.append((item.name, str(item.error)))
-        else:
-            rows[item.index] = item.row
+    rows, failed = embed(valid)
+    failures += failed
     ordered = [i for i in range(len(valid)) if i in rows]
-    data = {"proteins": [valid[i][1] for i in ordered],
+    data = {"proteins": [valid[i][0] for i in ordered],
             "data": [rows[i].to(torch.float32).clone() for i in ordered]}
     atomic_save(data, result.out)
     result.proteins, result.failed = len(ordered), len(failures)

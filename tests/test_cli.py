@@ -151,3 +151,12 @@ def test_entry_points_share_the_flags(entry: list[str]) -> None:
                             text=True, timeout=60)
     assert result.returncode == 0 and "--hvg_file" in result.stdout
     assert "--save_isoforms" in result.stdout and "fasta" in result.stdout
+
+
+def test_ray_without_ray_installed_is_one_line(tmp_path: Path, hvg: Path, checkpoint: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    code, _, err = invoke("--hvg_file", str(hvg), "--out", str(tmp_path / "x.pt"),
+                          "--model_path", str(checkpoint), "--ray", "local")
+    assert_one_line_error(code, err, 2, "esm2-batch[ray]")
+    assert not (tmp_path / "x.pt").exists()
