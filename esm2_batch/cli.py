@@ -59,6 +59,8 @@ RayAddress = Annotated[str | None, _opt(
     "$RAY_ADDRESS) or a cluster address. Needs the [ray] extra.")]
 RayActors = Annotated[int | None, _opt("--ray_actors", help="Ray actors (default: one per "
                                        "GPU, or CPUs / 2).")]
+GenePooling = Annotated[str, _opt("--gene_pooling", help="One vector per gene: canonical "
+                                  "(the canonical isoform) or mean (all isoforms).")]
 Overwrite = Annotated[bool, _opt("--overwrite", help="Replace an existing output or an "
                                  "unfinished run with other settings.")]
 
@@ -94,6 +96,19 @@ def main(
     overwrite: Overwrite = False,
     ray: RayAddress = None,
     ray_actors: RayActors = None,
+    id_column: Annotated[str | None, _opt(
+        "--id_column", help=".h5ad input: the var column with the genes (default: "
+        "gene_ids, an Ensembl-ID index, else var_names).")] = None,
+    write_h5ad: Annotated[Path | None, _opt(
+        "--write_h5ad", help=".h5ad input: write a copy with varm['X_esm2'] and "
+        "var['esm2_*'] columns.")] = None,
+    gene_pooling: GenePooling = "canonical",
+    ensembl_files: Annotated[Path | None, _opt(
+        "--ensembl_files", help="Offline: a directory with Ensembl's pep.all.fa.gz and "
+        "canonical.tsv.gz (see 'esm2-batch download').")] = None,
+    ensembl_release: Annotated[int | None, _opt(
+        "--ensembl_release", help="Offline: the release of the files, found under "
+        "--ensembl_files or the download cache.")] = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -109,7 +124,10 @@ def main(
         parallel_workers=parallel_workers, rate_limit=rate_limit, species=species,
         ensembl_url=ensembl_url, biotypes=_biotypes(biotypes), truncation=truncation,
         long_seqs=_long_seqs(long_seqs), isoforms=isoforms, save_isoforms=save_isoforms,
-        overwrite=overwrite, progress=not quiet, ray=ray, ray_actors=ray_actors)
+        overwrite=overwrite, progress=not quiet, ray=ray, ray_actors=ray_actors,
+        id_column=id_column, write_h5ad=write_h5ad,
+        gene_pooling=_gene_pooling(gene_pooling), ensembl_files=ensembl_files,
+        ensembl_release=ensembl_release)
     _guarded(lambda: _run(config, quiet))
 
 
@@ -153,6 +171,71 @@ def fasta(
             _say(f"{r.source} -> {r.out}: {state}{failed}", quiet)
 
     _guarded(work)
+
+
+@app.command("export")
+def export(
+    esm_file: Annotated[Path, typer.Argument(help="An esm_all.pt written by esm2-batch.")],
+    out: Annotated[Path, _opt("--out", help="Output file (.pt, .npz or .parquet).")],
+    fmt: Annotated[str | None, _opt(
+        "--format", help="saturn ({SYMBOL: tensor}, as SATURN and UCE read), npz or parquet "
+        "(default: from --out's suffix).")] = None,
+    gene_pooling: GenePooling = "canonical",
+    include_missing: Annotated[bool, _opt(
+        "--include_missing", help="npz/parquet: keep genes without protein as zero rows."
+    )] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write one vector per gene of an esm_all.pt for SATURN/UCE or non-torch users."""
+
+    def work() -> None:
+        from .export import export_genes
+
+        result = export_genes(esm_file, fmt=fmt, gene_pooling=_gene_pooling(gene_pooling),
+                              out=out, include_missing=include_missing)
+        for line in result.lines():
+            _say(line, quiet)
+
+    _guarded(work)
+
+
+@app.command("download")
+def download(
+    ensembl_release: Annotated[int, _opt("--ensembl_release", help="Ensembl release.")],
+    species: Annotated[str, _opt("--species", help="Ensembl species.")] = "homo_sapiens",
+    assembly: Annotated[str | None, _opt("--assembly", help="Assembly (known for human "
+                                         "and mouse).")] = None,
+    directory: Annotated[Path | None, _opt("--dir", help="Where to put the files (default: "
+                                           "the download cache).")] = None,
+    print_only: Annotated[bool, _opt("--print_only", help="Only print curl commands for "
+                                     "a machine with the network.")] = False,
+) -> None:
+    """Fetch (or print the URLs of) Ensembl's FTP files for offline runs."""
+
+    def work() -> None:
+        from .ensembl.files import (
+            download_commands,
+            download_ensembl_files,
+            ensembl_cache_dir,
+        )
+
+        target = directory or ensembl_cache_dir(ensembl_release)
+        for line in download_commands(species, ensembl_release, target, assembly):
+            typer.echo(line)
+        if not print_only:
+            files = download_ensembl_files(species, ensembl_release, target,
+                                           assembly=assembly)
+            typer.echo(f"ready: {files.pep.parent} (use --ensembl_files {files.pep.parent} "
+                       f"--ensembl_release {ensembl_release})")
+
+    _guarded(work)
+
+
+def _gene_pooling(value: str) -> str:
+    if value not in ("canonical", "mean"):
+        raise typer.BadParameter(f"{value!r} is not one of canonical, mean",
+                                 param_hint="--gene_pooling")
+    return value
 
 
 def _run(config: object, quiet: bool) -> None:

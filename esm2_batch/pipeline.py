@@ -35,10 +35,12 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
+from .anndata_io import H5adGenes, check_h5ad_paths, read_h5ad_genes, write_h5ad
 from .batching import MAX_RESIDUES, SPECIAL_TOKENS
 from .distributed import RayOptions, RayStats, check_cluster, embed_on_ray
 from .embed import LongSeqs, clean_sequence, iter_embeddings
 from .ensembl import EnsemblClient, resolve_base_url
+from .ensembl.files import EnsemblFilesIndex, ensembl_cache_dir, find_ensembl_files
 from .errors import InputError, StoreError
 from .fasta import atomic_write_text, read_fasta, read_isoforms_fasta, write_isoforms_fasta
 from .genes import GeneList, dedupe, read_gene_list
@@ -54,6 +56,7 @@ from .store import (
     sequence_key,
     write_esm_file,
 )
+from .unresolved import unresolved_report_path, write_unresolved_report
 
 log = logging.getLogger("esm2_batch")
 
@@ -83,6 +86,11 @@ class RunConfig:
     queue_genes: int = 256
     ray: str | None = None          # "local", "auto" or a cluster address
     ray_actors: int | None = None
+    id_column: str | None = None    # .h5ad input: the var column holding the genes
+    write_h5ad: Path | None = None  # .h5ad input: a copy with varm['X_esm2']
+    gene_pooling: str = "canonical"
+    ensembl_files: Path | None = None
+    ensembl_release: int | None = None
 
 
 @dataclass
@@ -105,6 +113,7 @@ class RunSummary:
     fetch_s: float = 0.0
     embed_s: float = 0.0
     wall_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -112,6 +121,7 @@ class RunSummary:
 
     def lines(self) -> list[str]:
         return [
+            *self.notes,
             f"genes in: {self.genes_in} ({len(self.duplicates)} duplicates dropped)",
             f"resolved: {self.resolved}, without protein: {len(self.no_protein)}, "
             f"not found: {len(self.not_found)}",
@@ -137,7 +147,8 @@ def partial_dir(out: Path) -> Path:
 def run(config: RunConfig, *, model: LoadedModel | None = None) -> RunSummary:
     """Do the whole job; raise an Esm2BatchError subclass on anything the user can fix."""
     start = time.perf_counter()
-    genes, from_fasta = _gene_list(config)
+    sources = resolve_sources(config)
+    genes = sources.genes
     _check_output(config.out)
     loaded = model or load_model(config.model, device=config.device)
     _check_budget(config)
@@ -145,7 +156,7 @@ def run(config: RunConfig, *, model: LoadedModel | None = None) -> RunSummary:
     reused = _reusable(config, settings)
     store = PartialStore(partial_dir(config.out), settings, overwrite=config.overwrite)
     summary = RunSummary(out=config.out, genes_in=len(genes.genes),
-                         duplicates=list(genes.duplicates))
+                         duplicates=list(genes.duplicates), notes=sources.notes())
     records = store.cached_genes()
     worker: Stage = (
         RayEmbedStage if config.ray else EmbedWorker)(loaded, store, config)
@@ -157,29 +168,66 @@ def run(config: RunConfig, *, model: LoadedModel | None = None) -> RunSummary:
         todo = [q for q in genes.genes if q not in records
                 and (reused is None or q not in reused.gene_to_isoform_indices)]
         fetch_start = time.perf_counter()
-        _fetch(config, todo, from_fasta, store, worker, records)
+        _fetch(config, todo, sources, store, worker, records)
         summary.fetch_s = time.perf_counter() - fetch_start
         worker.close()
         worker.join()
         worker.raise_error()
     finally:
         worker.stop()
-    _finish(config, genes.genes, records, store, loaded, reused, worker, summary)
+    _finish(config, sources, records, store, loaded, reused, worker, summary)
     summary.wall_s = time.perf_counter() - start
     return summary
 
 
-def _gene_list(config: RunConfig) -> tuple[GeneList, dict[str, GeneIsoforms] | None]:
-    """The queries, from --hvg_file, else the genes of the --isoforms FASTA."""
-    from_fasta = None
+@dataclass
+class Sources:
+    """Where the genes and their isoforms come from, all resolved before any work."""
+
+    genes: GeneList
+    fasta: dict[str, GeneIsoforms] | None = None  # --isoforms
+    files: EnsemblFilesIndex | None = None  # --ensembl_files / --ensembl_release
+    h5ad: H5adGenes | None = None  # --hvg_file data.h5ad
+
+    def notes(self) -> list[str]:
+        notes = [self.h5ad.describe()] if self.h5ad is not None else []
+        if self.files is not None:
+            notes.append(f"isoforms from Ensembl files: {self.files.files.pep}")
+        return notes
+
+
+def resolve_sources(config: RunConfig) -> Sources:
+    """The queries (--hvg_file list or .h5ad, else the --isoforms FASTA's genes) and the
+    isoform source (FASTA, Ensembl's FTP files or REST), with their errors up front."""
+    fasta = None
     if config.isoforms is not None:
-        from_fasta = {g.query: g for g in read_isoforms_fasta(config.isoforms)}
-    if config.hvg_file is not None:
-        return read_gene_list(config.hvg_file), from_fasta
-    if from_fasta:
-        return dedupe(from_fasta), from_fasta
-    raise InputError("no genes: pass --hvg_file FILE (one gene per line) or --isoforms "
-                     "FASTA")
+        fasta = {g.query: g for g in read_isoforms_fasta(config.isoforms)}
+    files = _offline_files(config)
+    h5ad = None
+    if config.hvg_file is not None and config.hvg_file.suffix == ".h5ad":
+        h5ad = read_h5ad_genes(config.hvg_file, id_column=config.id_column)
+        genes = h5ad.genes
+    elif config.hvg_file is not None:
+        genes = read_gene_list(config.hvg_file)
+    elif fasta:
+        genes = dedupe(fasta)
+    else:
+        raise InputError("no genes: pass --hvg_file FILE (one gene per line, or .h5ad) or "
+                         "--isoforms FASTA")
+    if config.write_h5ad is not None:
+        if h5ad is None or config.hvg_file is None:
+            raise InputError("--write_h5ad needs an .h5ad --hvg_file to copy")
+        check_h5ad_paths(config.hvg_file, config.write_h5ad)
+    return Sources(genes=genes, fasta=fasta, files=files, h5ad=h5ad)
+
+
+def _offline_files(config: RunConfig) -> EnsemblFilesIndex | None:
+    if config.ensembl_files is None and config.ensembl_release is None:
+        return None
+    assert config.ensembl_release is not None or config.ensembl_files is not None
+    directory = config.ensembl_files or ensembl_cache_dir(config.ensembl_release or 0)
+    found = find_ensembl_files(directory, config.species, config.ensembl_release)
+    return EnsemblFilesIndex.load(found)
 
 
 def _check_output(out: Path) -> None:
@@ -226,10 +274,9 @@ def _reusable(config: RunConfig, settings: dict[str, Any]) -> EsmFile | None:
 
 
 # -- fetching --------------------------------------------------------------------------------
-def _fetch(config: RunConfig, todo: list[str], from_fasta: dict[str, GeneIsoforms] | None,
-           store: PartialStore, worker: Stage,
-           records: dict[str, GeneIsoforms]) -> None:
-    """Get isoforms of `todo` (FASTA or Ensembl), caching and queueing each gene."""
+def _fetch(config: RunConfig, todo: list[str], sources: Sources, store: PartialStore,
+           worker: Stage, records: dict[str, GeneIsoforms]) -> None:
+    """Get isoforms of `todo` (FASTA, Ensembl files or REST), caching and queueing each."""
     bar = tqdm(total=len(todo), desc="genes fetched", unit="gene",
                disable=_no_bar(config.progress and bool(todo)))
 
@@ -240,10 +287,13 @@ def _fetch(config: RunConfig, todo: list[str], from_fasta: dict[str, GeneIsoform
         worker.submit(gene)
 
     try:
-        if from_fasta is not None:
+        if sources.fasta is not None:
             for query in todo:
-                accept(from_fasta.get(query) or GeneIsoforms(query, None, None, (),
-                                                             "not_found"))
+                accept(sources.fasta.get(query) or GeneIsoforms(query, None, None, (),
+                                                                "not_found"))
+        elif sources.files is not None:
+            for gene in sources.files.isoforms(todo, biotypes=config.biotypes):
+                accept(gene)
         elif todo:
             asyncio.run(_fetch_ensembl(config, todo, accept, worker))
     finally:
@@ -491,19 +541,26 @@ def _portable_model(model: str) -> str:
 
 
 # -- finishing -------------------------------------------------------------------------------
-def _finish(config: RunConfig, genes: Sequence[str], records: dict[str, GeneIsoforms],
+def _finish(config: RunConfig, sources: Sources, records: dict[str, GeneIsoforms],
             store: PartialStore, model: LoadedModel, reused: EsmFile | None,
             worker: PendingSequences, summary: RunSummary) -> None:
     """Assemble and write esm_all.pt, the side files, then drop the partial directory."""
+    genes = sources.genes.genes
     failed = set(worker.failed)
     chosen = {q: _without(records[q], failed) for q in genes if q in records}
     _count(summary, genes, chosen, reused, worker)
-    meta = _meta(config, store.settings, model, genes, chosen, reused, summary)
+    meta = _meta(config, store.settings, model, genes, chosen, reused, sources)
     data = assemble(genes, chosen, store.load_rows(), dim=model.embed_dim, meta=meta,
                     reused=reused)
     written = write_esm_file(config.out, data)
     summary.isoforms = len(written.protein_ids)
-    _side_files(config, chosen, summary, worker)
+    _side_files(config, chosen, summary, worker, written)
+    if config.write_h5ad is not None and sources.h5ad is not None:
+        assert config.hvg_file is not None
+        result = write_h5ad(config.hvg_file, config.write_h5ad, written,
+                            gene_pooling=config.gene_pooling,
+                            queries_for_vars=sources.h5ad.var_queries)
+        summary.notes.append(result.describe())
     store.remove()
 
 
@@ -544,20 +601,26 @@ def _count(summary: RunSummary, genes: Sequence[str], chosen: dict[str, GeneIsof
 
 def _meta(config: RunConfig, settings: dict[str, Any], model: LoadedModel,
           genes: Sequence[str], chosen: dict[str, GeneIsoforms], reused: EsmFile | None,
-          summary: RunSummary) -> dict[str, Any]:
+          sources: Sources) -> dict[str, Any]:
     old = reused.meta if reused is not None else {}
-    status = {q: (chosen[q].status if q in chosen else old.get("status", {}).get(q, "ok"))
-              for q in genes}
-    gene_ids = {q: (chosen[q].gene_id if q in chosen else old.get("gene_ids", {}).get(q))
-                for q in genes}
+
+    def per_gene(key: str, value: Callable[[GeneIsoforms], Any], default: Any) -> dict:
+        earlier = old.get(key, {})
+        found = {q: (value(chosen[q]) if q in chosen else earlier.get(q, default))
+                 for q in genes}
+        return {q: v for q, v in found.items() if v is not None}
+
+    symbols = per_gene("symbols", lambda g: g.symbol, None)
+    if sources.h5ad is not None:
+        symbols.update(sources.h5ad.symbol_map())
     import esm
 
     return {
         **settings, "settings": settings, "dtype": "float16",
         "compute_dtype": str(model.dtype).removeprefix("torch."),
-        "ensembl_url": None if config.isoforms else resolve_base_url(config.ensembl_url),
-        "isoform_source": str(config.isoforms) if config.isoforms else "ensembl-rest",
-        "status": status, "gene_ids": {q: g for q, g in gene_ids.items() if g},
+        "status": per_gene("status", lambda g: g.status, "ok"),
+        "gene_ids": per_gene("gene_ids", lambda g: g.gene_id, None),
+        "symbols": symbols, **_source_meta(config, sources, old),
         "versions": {"esm2_batch": __version__, "torch": str(torch.__version__),
                      "fair_esm": getattr(esm, "__version__", "unknown"),
                      "python": platform.python_version()},
@@ -565,11 +628,34 @@ def _meta(config: RunConfig, settings: dict[str, Any], model: LoadedModel,
     }
 
 
+def _source_meta(config: RunConfig, sources: Sources, old: dict[str, Any]) -> dict[str, Any]:
+    """Where the isoforms came from: REST URL, FTP files (with release) or a FASTA."""
+    meta: dict[str, Any] = {"ensembl_release": old.get("ensembl_release"),
+                            "ensembl_url": None}
+    if sources.fasta is not None:
+        meta["isoform_source"] = f"fasta:{config.isoforms}"
+    elif sources.files is not None:
+        meta["isoform_source"] = f"ensembl-files:{sources.files.files.pep.parent}"
+        meta["ensembl_release"] = sources.files.files.release
+    else:
+        meta["isoform_source"] = "ensembl-rest"
+        meta["ensembl_url"] = resolve_base_url(config.ensembl_url)
+    if sources.h5ad is not None:
+        meta["id_column"] = sources.h5ad.id_column
+    return {k: v for k, v in meta.items() if v is not None}
+
+
 def _side_files(config: RunConfig, chosen: dict[str, GeneIsoforms], summary: RunSummary,
-                worker: PendingSequences) -> None:
-    """not_found list next to the output, failures if any, and --save_isoforms."""
+                worker: PendingSequences, written: EsmFile) -> None:
+    """not_found list and the unresolved report next to the output, failures if any,
+    and --save_isoforms."""
     out = config.out
     _write_list(out.with_name(out.stem + ".not_found.txt"), summary.not_found)
+    status = written.meta.get("status", {})
+    unresolved = [chosen.get(q) or GeneIsoforms(q, written.meta["gene_ids"].get(q), None, (),
+                                                status[q])
+                  for q in written.genes if status.get(q, "ok") != "ok"]
+    write_unresolved_report(unresolved_report_path(out), unresolved, species=config.species)
     _write_list(out.with_name(out.stem + ".failed.tsv"),
                 sorted(f"{pid}\t{error}" for pid, error in worker.failed.values()))
     if config.save_isoforms is not None:
