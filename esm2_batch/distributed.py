@@ -138,11 +138,12 @@ def embed_on_ray(items: Sequence[tuple[str, str, str]], *, model: str, options: 
         return stats
     ray = connect(options)
     actors, reserve = actor_resources(ray, options)
+    blocks = -(-len(items) // options.rows_per_task)
+    actors = min(actors, blocks)  # an idle actor would only hold resources
     stats.actors = actors
     context = ray.data.DataContext.get_current()
     context.wait_for_min_actors_s = options.start_timeout_s
     ordered = sorted(items, key=lambda item: -len(item[2]))  # similar lengths together
-    blocks = -(-len(ordered) // options.rows_per_task)
     dataset = ray.data.from_items([{"key": k, "name": n, "seq": s} for k, n, s in ordered],
                                   override_num_blocks=blocks)
     threads = int(reserve.get("num_cpus", 1)) or 1
