@@ -293,3 +293,15 @@ async def test_unreachable_server_fails_fast(tmp_path: Path) -> None:
         with pytest.raises(EnsemblUnavailableError, match="cannot reach"):
             await c.fetch_isoforms(["BRAF"])
     assert loop.time() - start < 5
+
+
+async def test_symbols_in_another_case_match_with_a_warning(
+        serve: Start, caplog: pytest.LogCaptureFixture) -> None:
+    fake = await serve()
+    async with client(fake) as c:
+        genes = await c.fetch_isoforms(["braf", "Gene0001", "GENE0002", "nope"])
+    assert [g.status for g in genes] == ["ok", "ok", "ok", "not_found"]
+    assert [g.query for g in genes][:2] == ["braf", "Gene0001"]  # the user's spelling
+    assert genes[0].gene_id == "ENSG00000157764"
+    assert "braf: matched Ensembl symbol BRAF only ignoring case" in caplog.text
+    assert fake.counts["lookup"] == 2  # one retry request for the misses, not one each

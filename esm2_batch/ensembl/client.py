@@ -12,12 +12,15 @@ Request plan (bulk POST endpoints only):
    server drops are asked for once more by protein ID; what is still missing is recorded
    on the record (missing_protein_ids), never silently lost.
 
-For 2000 genes that is 20 lookups + at most 40 sequence requests.
+For 2000 genes that is 20 lookups + at most 40 sequence requests. lookup/symbol matches
+the display label exactly, so symbols it misses are asked once more in the human (CD3E)
+and mouse (Cd3e) spellings, with a warning when that is what matched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
@@ -29,6 +32,8 @@ from ..genes import dedupe, is_ensembl_gene_id, query_key
 from ..records import GeneIsoforms
 from .parse import GeneRecord, build_gene, index_sequences, no_protein, not_found, parse_gene
 from .transport import JsonTransport, RetryPolicy
+
+log = logging.getLogger("esm2_batch.ensembl")
 
 DEFAULT_BASE_URL = "https://rest.ensembl.org"
 DEFAULT_BIOTYPES: tuple[str, ...] = ("protein_coding",)
@@ -147,12 +152,24 @@ class EnsemblClient:
     async def _lookup(self, kind: str, queries: list[str]) -> dict[str, GeneRecord]:
         if kind == "id":
             keys = {query_key(q): q for q in queries}
-            path, body = "/lookup/id", {"ids": list(keys), "expand": 1}
-        else:
-            keys = {q: q for q in queries}
-            path = f"/lookup/symbol/{self.species}"
-            body = {"symbols": list(keys), "expand": 1}
-        reply = await self.transport.post(path, body, queries=queries)
+            return await self._lookup_keys("/lookup/id", "ids", keys, queries)
+        path = f"/lookup/symbol/{self.species}"
+        found = await self._lookup_keys(path, "symbols", {q: q for q in queries}, queries)
+        retry = {variant: q for q in queries if q not in found
+                 for variant in _case_variants(q)}
+        if retry:  # lookup/symbol is case-sensitive: Cd3e, CD3E and cd3e are not one key
+            again = await self._lookup_keys(path, "symbols", retry, queries)
+            for query, gene in again.items():
+                log.warning("%s: matched Ensembl symbol %s only ignoring case", query,
+                            gene.symbol)
+                found[query] = gene
+        return found
+
+    async def _lookup_keys(self, path: str, field: str, keys: dict[str, str],
+                           queries: list[str]) -> dict[str, GeneRecord]:
+        """POST `keys` (sent key -> query) and parse the genes the reply holds."""
+        reply = await self.transport.post(path, {field: list(keys), "expand": 1},
+                                          queries=queries)
         if not isinstance(reply, dict):
             raise EnsemblResponseError(f"{path}: expected a JSON object", queries=queries)
         folded = {str(k).upper(): v for k, v in reply.items()}
@@ -160,7 +177,7 @@ class EnsemblClient:
         for key, query in keys.items():
             record = reply[key] if key in reply else folded.get(key.upper())
             gene = parse_gene(record, biotypes=self.biotypes)
-            if gene is not None:
+            if gene is not None and query not in out:
                 out[query] = gene
         return out
 
@@ -189,6 +206,11 @@ class EnsemblClient:
             found.update({pid: seq for (q, pid), seq in index_sequences(reply).items()
                           if q == pid.upper() or q == pid})
         return found
+
+
+def _case_variants(symbol: str) -> list[str]:
+    """Human (CD3E) and mouse/rat (Cd3e) spellings of a symbol, other than itself."""
+    return [v for v in dict.fromkeys((symbol.upper(), symbol.capitalize())) if v != symbol]
 
 
 def _first_error(error: BaseException) -> BaseException:
