@@ -46,6 +46,8 @@ ModelSize = Annotated[str, _opt("--model_size", help=f"ESM2 size: {', '.join(MOD
 ModelPath = Annotated[Path | None, _opt(
     "--model_path", help="A local ESM2 checkpoint in fair-esm's layout (instead of the size; "
     "works offline).")]
+EngineOpt = Annotated[str, _opt("--engine", help="fast (the project's ESM2 forward) or "
+                                "reference (fair-esm's own; rows agree within 1e-5).")]
 Device = Annotated[str | None, _opt("--device", help="cuda or cpu (default: cuda if available).")]
 BatchSize = Annotated[int | None, _opt("--batch_size", help="Max sequences per batch.")]
 Toks = Annotated[int, _opt("--toks_per_batch", help="Token budget per batch (padded, incl. "
@@ -75,6 +77,7 @@ def main(
     model_size: ModelSize = "650M",
     model_path: ModelPath = None,
     device: Device = None,
+    engine: EngineOpt = "fast",
     batch_size: BatchSize = None,
     toks_per_batch: Toks = 4096,
     parallel_workers: Annotated[int, _opt("--parallel_workers",
@@ -120,8 +123,9 @@ def main(
 
     config = RunConfig(
         hvg_file=hvg_file, out=out, model=str(model_path) if model_path else model_size,
-        device=device, batch_size=batch_size, toks_per_batch=toks_per_batch,
-        parallel_workers=parallel_workers, rate_limit=rate_limit, species=species,
+        device=device, engine=_engine(engine), batch_size=batch_size,
+        toks_per_batch=toks_per_batch, parallel_workers=parallel_workers,
+        rate_limit=rate_limit, species=species,
         ensembl_url=ensembl_url, biotypes=_biotypes(biotypes), truncation=truncation,
         long_seqs=_long_seqs(long_seqs), isoforms=isoforms, save_isoforms=save_isoforms,
         overwrite=overwrite, progress=not quiet, ray=ray, ray_actors=ray_actors,
@@ -139,6 +143,7 @@ def fasta(
     model_size: ModelSize = "650M",
     model_path: ModelPath = None,
     device: Device = None,
+    engine: EngineOpt = "fast",
     batch_size: BatchSize = None,
     toks_per_batch: Toks = 4096,
     truncation: Truncation = 1022,
@@ -158,8 +163,9 @@ def fasta(
         from .pipeline import run_fasta
 
         source = str(model_path) if model_path else model_size
-        model = load_model(source, device=device)
-        cluster = RayOptions(address=ray, actors=ray_actors, device=device) if ray else None
+        model = load_model(source, device=device, engine=_engine(engine))  # type: ignore[arg-type]
+        cluster = (RayOptions(address=ray, actors=ray_actors, device=device, engine=engine)
+                   if ray else None)
         results = run_fasta(inputs, model=model, out_dir=out_dir,
                             toks_per_batch=toks_per_batch, batch_size=batch_size,
                             truncation=truncation, long_seqs=_long_seqs(long_seqs),
@@ -229,6 +235,13 @@ def download(
                        f"--ensembl_release {ensembl_release})")
 
     _guarded(work)
+
+
+def _engine(value: str) -> str:
+    if value not in ("fast", "reference"):
+        raise typer.BadParameter(f"{value!r} is not one of fast, reference",
+                                 param_hint="--engine")
+    return value
 
 
 def _gene_pooling(value: str) -> str:

@@ -42,6 +42,7 @@ class RayOptions:
     address: str = "local"
     actors: int | None = None
     device: str | None = None
+    engine: str = "fast"
     rows_per_task: int = 64
     local_cpus: int | None = None
     start_timeout_s: float = 120.0
@@ -101,11 +102,11 @@ class EmbedActor:
     """A Ray actor: loads the model once, embeds row batches under the token budget."""
 
     def __init__(self, model: str, device: str | None, threads: int,
-                 embed_options: dict[str, Any]) -> None:
+                 embed_options: dict[str, Any], engine: str = "fast") -> None:
         from .models import load_model
 
         torch.set_num_threads(max(1, threads))
-        self.model = load_model(model, device=device)
+        self.model = load_model(model, device=device, engine=engine)  # type: ignore[arg-type]
         self.options = embed_options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -151,7 +152,8 @@ def embed_on_ray(items: Sequence[tuple[str, str, str]], *, model: str, options: 
         EmbedActor, batch_size=options.rows_per_task, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"model": model, "device": options.device,
-                               "threads": threads, "embed_options": options.embed_options},
+                               "threads": threads, "embed_options": options.embed_options,
+                               "engine": options.engine},
         **reserve)
     start = time.perf_counter()
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):

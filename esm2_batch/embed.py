@@ -1,6 +1,6 @@
 """Protein sequences -> ESM2 vectors: validate, dedupe, batch, forward, pool, check.
 
-Two entry points share one engine:
+Two entry points share one pipeline (plan, forward, pool, check):
 
 - `embed_sequences` returns every row at once, in input order: a float32 CPU tensor
   [n, dim] (``pooling="mean"`` or ``"bos"``) or a list of [L_i, dim] tensors
@@ -29,8 +29,10 @@ Policies, decided once here:
 - Every row is checked for shape and finiteness; a bad row is an `EmbeddingError` naming
   the sequence. `embed_sequences` runs everything first, then raises one `EmbeddingError`
   listing all failures; use `iter_embeddings` to keep the rows that succeeded.
-- The forward runs under ``torch.inference_mode``; returned rows are ordinary tensors,
-  and the model's rotary cache is rebuilt for later grad-enabled calls (see models).
+- The forward is the one the model was loaded with (``load_model(..., engine=...)``: the
+  fast engine by default, fair-esm's own forward as the reference) and runs under
+  ``torch.inference_mode``; returned rows are ordinary tensors, and fair-esm's rotary
+  cache is rebuilt for later grad-enabled calls (see models).
 """
 
 from __future__ import annotations
@@ -321,7 +323,7 @@ def _forward_or_none(model: LoadedModel, tokens: torch.Tensor, layer: int) -> to
     """The batch's (B, T, E) states, or None when CUDA ran out of memory."""
     try:
         with torch.inference_mode():
-            return representations(model.module, tokens.to(model.device), layer=layer)
+            return representations(model, tokens.to(model.device), layer=layer)
     except torch.cuda.OutOfMemoryError:
         pass  # retried outside the handler, so the traceback's tensors are freed first
     if torch.cuda.is_available():

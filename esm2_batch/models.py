@@ -6,15 +6,23 @@ and state-dict mapping stay fair-esm's, but the file is read by us: fair-esm cal
 ("Unsupported global: argparse.Namespace"). We load with ``weights_only=True`` and an
 allow-list of exactly the globals the official files hold (`CHECKPOINT_GLOBALS`).
 
-Two fixes are installed on every loaded model (`Fp32RotaryEmbedding`): fair-esm casts its
-rotary ``inv_freq`` buffer with the model, so under fp16 positions above 256 round; and a
-cos/sin cache built under ``torch.inference_mode`` breaks a later grad-enabled call of the
-same length. Both are fixed by rebuilding the tables in fp32 whenever they would be wrong.
+Two engines run the forward (``load_model(..., engine=...)``, recorded on the
+`LoadedModel`):
 
-`representations` is the forward pass the embedder runs: fair-esm's ESM2 computation on
-fair-esm's modules and weights, with ``F.scaled_dot_product_attention`` instead of the
-hand-written bmm + softmax that also builds every layer's attention-probability tensor.
-It matches fair-esm's forward to ~1e-6 in fp32 and stops at the requested layer.
+- ``"fast"`` (default): `engine.FastESM2`, built from the loaded fair-esm module (sharing
+  its weights): fused QKV, SDPA, no attention weights, stops at the requested layer.
+  Matches fair-esm to ~1e-6 in fp32.
+- ``"reference"``: fair-esm's own ``ESM2.forward(tokens, repr_layers=[L])``, unchanged;
+  the thing the fast engine is measured and tested against.
+
+`LoadedModel.module` is always the fair-esm ESM2. Two fixes are installed on it
+(`Fp32RotaryEmbedding`): fair-esm casts its rotary ``inv_freq`` buffer with the model, so
+under fp16 positions above 256 round; and a cos/sin cache built under
+``torch.inference_mode`` breaks a later grad-enabled call of the same length. Both are
+fixed by rebuilding the tables in fp32 whenever they would be wrong, from the
+checkpoint's own frequencies (fp16-rounded in the published files, and what fair-esm's
+forward uses). The fast engine gets the same fp32 frequencies (`rotary_frequencies`),
+builds its tables per call and needs neither fix.
 """
 
 from __future__ import annotations
@@ -28,16 +36,20 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import esm
 import torch
-import torch.nn.functional as F
 from esm.model.esm2 import ESM2
 from esm.rotary_embedding import RotaryEmbedding
 from tqdm import tqdm
 
+from .engine import FastESM2
 from .errors import ModelError
+
+Engine = Literal["fast", "reference"]
+"""Which forward runs the model: `engine.FastESM2` or fair-esm's own ESM2.forward."""
+ENGINES: tuple[str, ...] = get_args(Engine)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +95,12 @@ _DTYPES: dict[str, torch.dtype] = {
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
-    """An ESM2 ready to run: the torch module (eval mode, on `device` in `dtype`) and facts.
+    """An ESM2 ready to run: fair-esm's module (eval mode, on `device` in `dtype`), the
+    engine that runs the forward, and facts.
 
-    The contact-regression head is never loaded (embeddings do not use it), so
+    `module` is fair-esm's ESM2 whichever the engine (the reference for comparisons);
+    `fast` is the `FastESM2` built from it (sharing its weights) when `engine` is "fast",
+    else None. The contact-regression head is never loaded (embeddings do not use it), so
     ``module.predict_contacts`` is not meaningful on a model loaded here.
     """
 
@@ -96,6 +111,12 @@ class LoadedModel:
     num_layers: int
     device: torch.device
     dtype: torch.dtype
+    engine: Engine = "reference"
+    fast: FastESM2 | None = None
+
+    def __post_init__(self) -> None:
+        if (self.engine == "fast") != (self.fast is not None):
+            raise ValueError(f"engine {self.engine!r} needs fast set exactly when it is 'fast'")
 
 
 def load_model(
@@ -103,13 +124,18 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    engine: Engine = "fast",
 ) -> LoadedModel:
     """Load an ESM2 by size ("650M"), fair-esm name or path of a local checkpoint.
 
     Sizes and names are read from the torch hub cache and downloaded into it when missing.
     `device` defaults to cuda when available, else cpu; `dtype` to float16 on cuda (rotary
-    tables stay fp32) and float32 elsewhere. Every failure is a one-line `ModelError`.
+    tables stay fp32) and float32 elsewhere. `engine` picks the forward: "fast"
+    (`engine.FastESM2`) or "reference" (fair-esm's own). Every failure is a one-line
+    `ModelError`.
     """
+    if engine not in ENGINES:
+        raise ModelError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
     target = _resolve_device(device)
     precision = _resolve_dtype(dtype, target)
     source = resolve_model(model)
@@ -122,8 +148,21 @@ def load_model(
     module = module.eval().to(device=target, dtype=precision)
     return LoadedModel(
         name=name, module=module, alphabet=alphabet, embed_dim=module.embed_dim,
-        num_layers=module.num_layers, device=target, dtype=precision,
+        num_layers=module.num_layers, device=target, dtype=precision, engine=engine,
+        fast=(FastESM2.from_fair_esm(module, inv_freq=rotary_frequencies(module))
+              if engine == "fast" else None),
     )
+
+
+def representations(model: LoadedModel, tokens: torch.Tensor, *, layer: int) -> torch.Tensor:
+    """(B, T) tokens on the model's device -> (B, T, E) states after `layer` (0 =
+    embeddings), computed by the model's engine: at real positions the states of fair-esm's
+    ``forward(tokens, repr_layers=[layer])``; at padded positions zeros, whichever engine
+    (their states mean nothing, and the fast engine then skips computing them)."""
+    if model.fast is not None:
+        return model.fast(tokens, layer=layer, skip_padding=True)
+    states = model.module(tokens, repr_layers=[layer])["representations"][layer]
+    return states.masked_fill(tokens.eq(model.alphabet.padding_idx).unsqueeze(-1), 0.0)
 
 
 def resolve_model(model: str | os.PathLike[str]) -> ModelSpec | Path:
@@ -260,13 +299,18 @@ class Fp32RotaryEmbedding(RotaryEmbedding):
 
     fair-esm derives the tables from its ``inv_freq`` buffer, which ``.half()`` lowers too;
     here the frequencies are kept aside in fp32 and the result is cast to the activations'
-    dtype. In fp32 the tables are bit-identical to fair-esm's. The cache is also rebuilt
-    when it holds inference tensors outside inference mode, which autograd cannot save.
+    dtype. The frequencies are the checkpoint's (`inv_freq`), not recomputed: ESM2 was
+    trained in fp16, the published files carry fp16-rounded values, and fair-esm's forward
+    uses them. In fp32 the tables are bit-identical to fair-esm's. The cache is also
+    rebuilt when it holds inference tensors outside inference mode, which autograd cannot
+    save.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, inv_freq: torch.Tensor | None = None) -> None:
         super().__init__(dim)
-        self._inv_freq32 = self.inv_freq.detach().clone()
+        if inv_freq is not None:
+            self.inv_freq.copy_(inv_freq)
+        self._inv_freq32 = self.inv_freq.detach().float().clone()
 
     def _update_cos_sin_tables(
         self, x: torch.Tensor, seq_dimension: int = 1
@@ -294,55 +338,14 @@ class Fp32RotaryEmbedding(RotaryEmbedding):
 
 
 def install_fp32_rotary(module: ESM2) -> None:
-    """Swap every layer's rotary embedding for `Fp32RotaryEmbedding` (same state dict)."""
+    """Swap every layer's rotary embedding for `Fp32RotaryEmbedding`, keeping the loaded
+    frequencies (same state dict, same values); call it before casting the module."""
     for layer in module.layers:
         attention = layer.self_attn
-        attention.rot_emb = Fp32RotaryEmbedding(attention.head_dim).to(
-            attention.rot_emb.inv_freq.device)
+        loaded = attention.rot_emb.inv_freq
+        attention.rot_emb = Fp32RotaryEmbedding(attention.head_dim, loaded).to(loaded.device)
 
 
-def representations(module: ESM2, tokens: torch.Tensor, *, layer: int) -> torch.Tensor:
-    """(B, T) tokens -> (B, T, E) states after `layer` (0 = embeddings), as fair-esm's
-    ``forward(tokens, repr_layers=[layer])`` gives them, without the layers above it.
-    """
-    padding = tokens.eq(module.padding_idx)  # (B, T)
-    x = module.embed_scale * module.embed_tokens(tokens)  # (B, T, E)
-    if module.token_dropout:
-        x = _token_dropout_scale(module, tokens, x, padding)
-    x = x * (1 - padding.unsqueeze(-1).type_as(x))
-    keep = ~padding[:, None, None, :] if padding.any() else None  # (B, 1, 1, T)
-    for block in module.layers[:layer]:
-        x = _transformer_layer(block, x, keep)
-    if layer == module.num_layers:
-        x = module.emb_layer_norm_after(x)
-    return x
-
-
-def _token_dropout_scale(
-    module: ESM2, tokens: torch.Tensor, x: torch.Tensor, padding: torch.Tensor
-) -> torch.Tensor:
-    """fair-esm's inference-time token-dropout rescaling (x 0.88 when nothing is masked)."""
-    masked = tokens == module.mask_idx  # (B, T)
-    x = x.masked_fill(masked.unsqueeze(-1), 0.0)
-    mask_ratio_train = 0.15 * 0.8
-    src_lengths = (~padding).sum(-1)
-    mask_ratio_observed = masked.sum(-1).to(x.dtype) / src_lengths  # (B,)
-    return x * (1 - mask_ratio_train) / (1 - mask_ratio_observed)[:, None, None]
-
-
-def _transformer_layer(
-    block: torch.nn.Module, x: torch.Tensor, keep: torch.Tensor | None
-) -> torch.Tensor:
-    """One pre-LayerNorm ESM2 layer on (B, T, E), attention through SDPA."""
-    attention = block.self_attn
-    batch, length, embed = x.shape
-    heads, head_dim = attention.num_heads, attention.head_dim
-    h = block.self_attn_layer_norm(x)
-    q = attention.q_proj(h) * attention.scaling  # fair-esm scales q before the rotary
-    k = attention.k_proj(h)
-    v = attention.v_proj(h)
-    q, k, v = (t.view(batch, length, heads, head_dim).transpose(1, 2) for t in (q, k, v))
-    q, k = attention.rot_emb(q, k)  # (B, H, T, D)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1.0)
-    x = x + attention.out_proj(out.transpose(1, 2).reshape(batch, length, embed))
-    return x + block.fc2(F.gelu(block.fc1(block.final_layer_norm(x))))
+def rotary_frequencies(module: ESM2) -> torch.Tensor:
+    """(L, D/2) fp32 rotary frequencies of every layer, as loaded (see Fp32RotaryEmbedding)."""
+    return torch.stack([layer.self_attn.rot_emb._inv_freq32 for layer in module.layers])

@@ -69,6 +69,7 @@ class RunConfig:
     out: Path = Path("esm_all.pt")
     model: str = "650M"
     device: str | None = None
+    engine: str = "fast"            # "fast" (engine.py) or "reference" (fair-esm's forward)
     batch_size: int | None = None
     toks_per_batch: int = 4096
     parallel_workers: int = 10
@@ -150,7 +151,8 @@ def run(config: RunConfig, *, model: LoadedModel | None = None) -> RunSummary:
     sources = resolve_sources(config)
     genes = sources.genes
     _check_output(config.out)
-    loaded = model or load_model(config.model, device=config.device)
+    loaded = model or load_model(config.model, device=config.device,
+                                 engine=config.engine)  # type: ignore[arg-type]
     _check_budget(config)
     settings = run_settings(config, loaded)
     reused = _reusable(config, settings)
@@ -488,7 +490,8 @@ class RayEmbedStage(PendingSequences):
         super().__init__(model, store, config)
         self.ray_stats: RayStats | None = None
         self.options = RayOptions(address=config.ray or "local", actors=config.ray_actors,
-                                  device=config.device, embed_options=self._embed_options())
+                                  device=config.device, engine=config.engine,
+                                  embed_options=self._embed_options())
 
     def start(self) -> None:
         """Join the cluster and check its resources now, before any fetching."""
@@ -617,7 +620,7 @@ def _meta(config: RunConfig, settings: dict[str, Any], model: LoadedModel,
 
     return {
         **settings, "settings": settings, "dtype": "float16",
-        "compute_dtype": str(model.dtype).removeprefix("torch."),
+        "compute_dtype": str(model.dtype).removeprefix("torch."), "engine": model.engine,
         "status": per_gene("status", lambda g: g.status, "ok"),
         "gene_ids": per_gene("gene_ids", lambda g: g.gene_id, None),
         "symbols": symbols, **_source_meta(config, sources, old),

@@ -160,3 +160,20 @@ def test_ray_without_ray_installed_is_one_line(tmp_path: Path, hvg: Path, checkp
                           "--model_path", str(checkpoint), "--ray", "local")
     assert_one_line_error(code, err, 2, "esm2-batch[ray]")
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_reference_engine_gives_the_same_rows(tmp_path: Path, hvg: Path, url: str,
+                                              checkpoint: Path) -> None:
+    rows = {}
+    for engine in ("fast", "reference"):
+        out = tmp_path / f"{engine}.pt"
+        code, _, err = invoke("--hvg_file", str(hvg), "--out", str(out), "--model_path",
+                              str(checkpoint), "--ensembl_url", url, "--rate_limit", "100",
+                              "--engine", engine, "-q")
+        assert code == 0, err
+        data = torch.load(out, weights_only=True)
+        assert data["meta"]["engine"] == engine
+        rows[engine] = data["emb"].float()
+    assert (rows["fast"] - rows["reference"]).abs().max() <= 1e-3
+    code, _, err = invoke("--hvg_file", str(hvg), "--engine", "turbo")
+    assert code == 2 and "fast, reference" in err

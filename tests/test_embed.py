@@ -1,4 +1,5 @@
-"""embed_sequences / iter_embeddings against fair-esm's own forward on a tiny random ESM2."""
+"""embed_sequences / iter_embeddings against fair-esm's own forward on a tiny random ESM2,
+with both engines (the fast one and fair-esm's own as the reference)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ def model(checkpoint: Path) -> LoadedModel:
     return load_model(checkpoint)
 
 
+@pytest.fixture(scope="module", params=["fast", "reference"])
+def any_model(checkpoint: Path, request: pytest.FixtureRequest) -> LoadedModel:
+    """Each engine in turn, for the tests that compare numbers with fair-esm's."""
+    return load_model(checkpoint, engine=request.param)
+
+
 @pytest.fixture(scope="module")
 def fair_esm(checkpoint: Path) -> Callable[[str, int], torch.Tensor]:
     """fair-esm's own module (its rotary, its attention): (seq, layer) -> (T, E) states."""
@@ -73,9 +80,9 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
     """Every token batch the embedder sends to the model."""
     sent: list[torch.Tensor] = []
 
-    def recording(module: torch.nn.Module, tokens: torch.Tensor, *, layer: int) -> torch.Tensor:
+    def recording(model: LoadedModel, tokens: torch.Tensor, *, layer: int) -> torch.Tensor:
         sent.append(tokens.clone())
-        return representations(module, tokens, layer=layer)
+        return representations(model, tokens, layer=layer)
 
     monkeypatch.setattr(embed, "representations", recording)
     return sent
@@ -88,16 +95,16 @@ def fair_mean(fair_esm: Callable[..., torch.Tensor], seq: str) -> torch.Tensor:
 @pytest.mark.parametrize(("toks_per_batch", "batch_size"),
                          [(302, None), (1000, None), (4096, None), (4096, 3)])
 def test_rows_match_fair_esm_alone_any_batching(
-    model: LoadedModel, fair_esm: Callable[..., torch.Tensor], proteins: list[str],
+    any_model: LoadedModel, fair_esm: Callable[..., torch.Tensor], proteins: list[str],
     toks_per_batch: int, batch_size: int | None,
 ) -> None:
     order = list(range(len(proteins)))
     random.Random(toks_per_batch).shuffle(order)
     shuffled = [proteins[i] for i in order]
-    rows = embed_sequences(model, shuffled, toks_per_batch=toks_per_batch,
+    rows = embed_sequences(any_model, shuffled, toks_per_batch=toks_per_batch,
                            batch_size=batch_size)
     assert isinstance(rows, torch.Tensor)
-    assert rows.shape == (len(proteins), model.embed_dim)
+    assert rows.shape == (len(proteins), any_model.embed_dim)
     assert rows.dtype == torch.float32 and rows.device.type == "cpu"
     assert not rows.is_inference()
     want = torch.stack([fair_mean(fair_esm, s) for s in shuffled])
@@ -105,16 +112,16 @@ def test_rows_match_fair_esm_alone_any_batching(
 
 
 def test_per_residue_and_bos_exclude_special_tokens(
-    model: LoadedModel, fair_esm: Callable[..., torch.Tensor], proteins: list[str]
+    any_model: LoadedModel, fair_esm: Callable[..., torch.Tensor], proteins: list[str]
 ) -> None:
     seqs = proteins[:12]
-    per_residue = embed_sequences(model, seqs, pooling="per_residue", toks_per_batch=700)
-    bos = embed_sequences(model, seqs, pooling="bos", toks_per_batch=700)
-    means = embed_sequences(model, seqs, toks_per_batch=700)
+    per_residue = embed_sequences(any_model, seqs, pooling="per_residue", toks_per_batch=700)
+    bos = embed_sequences(any_model, seqs, pooling="bos", toks_per_batch=700)
+    means = embed_sequences(any_model, seqs, toks_per_batch=700)
     assert isinstance(per_residue, list) and isinstance(bos, torch.Tensor)
     for i, seq in enumerate(seqs):
         states = fair_esm(seq)
-        assert per_residue[i].shape == (len(seq), model.embed_dim)
+        assert per_residue[i].shape == (len(seq), any_model.embed_dim)
         assert (per_residue[i] - states[1 : len(seq) + 1]).abs().max() <= TOLERANCE
         assert (bos[i] - states[0]).abs().max() <= TOLERANCE
         assert torch.allclose(means[i], per_residue[i].mean(0), atol=1e-6)
@@ -122,11 +129,11 @@ def test_per_residue_and_bos_exclude_special_tokens(
 
 @pytest.mark.parametrize("repr_layer", [0, 1, -2, -1])
 def test_repr_layer(
-    model: LoadedModel, fair_esm: Callable[..., torch.Tensor], repr_layer: int
+    any_model: LoadedModel, fair_esm: Callable[..., torch.Tensor], repr_layer: int
 ) -> None:
     seq = "MKTAYIAKQRQISFVKSHFSRQ"
     layer = repr_layer % (LAYERS + 1)
-    rows = embed_sequences(model, [seq, seq[:9]], repr_layer=repr_layer)
+    rows = embed_sequences(any_model, [seq, seq[:9]], repr_layer=repr_layer)
     assert (rows[0] - fair_esm(seq, layer)[1:-1].mean(0)).abs().max() <= TOLERANCE
 
 
@@ -175,21 +182,22 @@ def test_duplicates_embedded_once(model: LoadedModel, spy: list[torch.Tensor]) -
 
 
 def test_oom_splits_batch_and_reports_lone_failure_by_name(
-    model: LoadedModel, fair_esm: Callable[..., torch.Tensor], monkeypatch: pytest.MonkeyPatch
+    any_model: LoadedModel, fair_esm: Callable[..., torch.Tensor],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     widths: list[int] = []
 
-    def small_gpu(module: torch.nn.Module, tokens: torch.Tensor, *, layer: int) -> torch.Tensor:
+    def small_gpu(loaded: LoadedModel, tokens: torch.Tensor, *, layer: int) -> torch.Tensor:
         widths.append(tokens.shape[0])
         if tokens.numel() > 150:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        return representations(module, tokens, layer=layer)
+        return representations(loaded, tokens, layer=layer)
 
     monkeypatch.setattr(embed, "representations", small_gpu)
     rng = random.Random(11)
     seqs = [(f"p{i}", "".join(rng.choices(AMINO, k=40))) for i in range(6)]
     seqs.insert(3, ("titan", "M" * 200))
-    results = list(iter_embeddings(model, seqs))
+    results = list(iter_embeddings(any_model, seqs))
     assert sorted(r.index for r in results) == list(range(7))
     failed = [r for r in results if not r.ok]
     assert [r.name for r in failed] == ["titan"] and failed[0].row is None
@@ -201,7 +209,7 @@ def test_oom_splits_batch_and_reports_lone_failure_by_name(
             assert (r.row - fair_mean(fair_esm, seqs[r.index][1])).abs().max() <= TOLERANCE
     assert widths[0] > 1 and 1 in widths  # halved down to single sequences
     with pytest.raises(EmbeddingError, match="titan") as info:
-        embed_sequences(model, seqs)
+        embed_sequences(any_model, seqs)
     assert info.value.name == "titan"
 
 
@@ -210,8 +218,8 @@ def test_non_finite_row_names_sequence(
 ) -> None:
     poison = model.alphabet.get_idx("W")
 
-    def overflowing(module: torch.nn.Module, tokens: torch.Tensor, *, layer: int) -> torch.Tensor:
-        states = representations(module, tokens, layer=layer).clone()
+    def overflowing(model: LoadedModel, tokens: torch.Tensor, *, layer: int) -> torch.Tensor:
+        states = representations(model, tokens, layer=layer).clone()
         states[tokens[:, 1] == poison, 2] = float("nan")
         return states
 
@@ -279,14 +287,14 @@ def test_iter_validates_eagerly_and_yields_each_input_once(
     assert {r.name for r in results} == {str(i) for i in range(len(proteins) + 1)}
 
 
-def test_grad_enabled_call_after_embedding(model: LoadedModel) -> None:
+def test_grad_enabled_call_after_embedding(any_model: LoadedModel) -> None:
     seq = "MKTAYIAKQR"
-    embed_sequences(model, [seq])  # builds the rotary cache under inference_mode
-    _, _, tokens = model.alphabet.get_batch_converter()([("x", seq)])
-    out = model.module(tokens, repr_layers=[LAYERS])["representations"][LAYERS]
+    embed_sequences(any_model, [seq])  # reference: builds the rotary cache in inference_mode
+    _, _, tokens = any_model.alphabet.get_batch_converter()([("x", seq)])
+    out = any_model.module(tokens, repr_layers=[LAYERS])["representations"][LAYERS]
     out.sum().backward()
-    assert model.module.embed_tokens.weight.grad is not None
-    model.module.zero_grad(set_to_none=True)
+    assert any_model.module.embed_tokens.weight.grad is not None
+    any_model.module.zero_grad(set_to_none=True)
 
 
 def test_input_shapes(model: LoadedModel) -> None:

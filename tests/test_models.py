@@ -1,4 +1,5 @@
-"""Loading ESM2 by path, size and name; offline failure; the fp32 rotary fix."""
+"""Loading ESM2 by path, size and name; offline failure; the engine option; the fp32
+rotary fix and the checkpoint's rotary frequencies."""
 
 from __future__ import annotations
 
@@ -14,15 +15,17 @@ import torch
 from esm.rotary_embedding import RotaryEmbedding
 
 import esm2_batch
+from esm2_batch.engine import FastESM2
 from esm2_batch.errors import ModelError
 from esm2_batch.models import (
     ESM2_MODELS,
     Fp32RotaryEmbedding,
     load_model,
     read_checkpoint,
+    representations,
     resolve_model,
 )
-from tests.fakes.tiny_esm import official_layout, write_tiny_checkpoint
+from tests.fakes.tiny_esm import build_random_esm2, official_layout, write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +55,7 @@ def test_load_local_checkpoint_without_warnings(checkpoint: Path) -> None:
     assert (model.embed_dim, model.num_layers) == (64, 2)
     assert model.device == torch.device("cpu") and model.dtype == torch.float32
     assert model.alphabet.get_idx("A") == 5
+    assert model.engine == "fast" and isinstance(model.fast, FastESM2)
     assert not model.module.training
     assert all(isinstance(layer.self_attn.rot_emb, Fp32RotaryEmbedding)
                for layer in model.module.layers)
@@ -208,3 +212,43 @@ def test_rotary_cache_from_inference_mode_not_reused_with_grad() -> None:
     out_q, out_k = rotary(q, torch.randn(4, 10, 16))
     (out_q.sum() + out_k.sum()).backward()
     assert q.grad is not None
+
+
+def test_reference_engine_runs_fair_esm_forward(checkpoint: Path) -> None:
+    reference = load_model(checkpoint, engine="reference")
+    fast = load_model(checkpoint)
+    assert reference.engine == "reference" and reference.fast is None
+    tokens = torch.tensor([[0, 5, 6, 7, 2], [0, 8, 2, 1, 1]])
+    with torch.no_grad():
+        want = reference.module(tokens, repr_layers=[2])["representations"][2]
+    want[1, 3:] = 0.0  # padded positions come back as zeros from either engine
+    assert torch.equal(representations(reference, tokens, layer=2), want)
+    assert (representations(fast, tokens, layer=2) - want).abs().max() <= 1e-5
+
+
+def test_unknown_engine_is_one_line_error(checkpoint: Path) -> None:
+    with pytest.raises(ModelError, match=r"unknown engine 'sdpa'.*fast, reference"):
+        load_model(checkpoint, engine="sdpa")  # type: ignore[arg-type]
+
+
+def test_checkpoint_rotary_frequencies_kept_by_both_engines(tmp_path: Path) -> None:
+    """Published ESM2 files carry fp16-rounded inv_freq (trained in fp16); fair-esm uses
+    them, so neither the rotary fix nor the fast engine may recompute them."""
+    module = build_random_esm2(num_layers=2, embed_dim=64, heads=4).eval()
+    for layer in module.layers:
+        layer.self_attn.rot_emb.inv_freq.copy_(layer.self_attn.rot_emb.inv_freq.half())
+    path = tmp_path / "esm2_t2_rounded.pt"
+    torch.save(official_layout(module), path)
+    tokens = torch.tensor([[0, *range(4, 24), *range(4, 24), 2]])
+    with torch.no_grad():
+        want = module(tokens, repr_layers=[2])["representations"][2]
+    for engine in ("fast", "reference"):
+        model = load_model(path, engine=engine)
+        rotary = model.module.layers[1].self_attn.rot_emb
+        assert torch.equal(rotary._inv_freq32, module.layers[1].self_attn.rot_emb.inv_freq)
+        with torch.no_grad():
+            got = representations(model, tokens, layer=2)
+        assert (got - want).abs().max() <= 1e-5, engine
+    half = load_model(path, dtype="float16")
+    assert half.fast is not None and half.fast.inv_freq.dtype == torch.float32
+    assert torch.equal(half.fast.inv_freq[1], module.layers[1].self_attn.rot_emb.inv_freq)
