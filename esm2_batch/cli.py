@@ -48,6 +48,9 @@ ModelPath = Annotated[Path | None, _opt(
     "works offline).")]
 EngineOpt = Annotated[str, _opt("--engine", help="fast (the project's ESM2 forward) or "
                                 "reference (fair-esm's own; rows agree within 1e-5).")]
+BackendOpt = Annotated[str, _opt(
+    "--backend", help="auto (from --model_size/--model_path), fair-esm, hf (ESM2 in the "
+    "Hugging Face layout: a folder or a hub id in the local HF cache) or esmc (ESM C).")]
 Device = Annotated[str | None, _opt("--device", help="cuda or cpu (default: cuda if available).")]
 BatchSize = Annotated[int | None, _opt("--batch_size", help="Max sequences per batch.")]
 Toks = Annotated[int, _opt("--toks_per_batch", help="Token budget per batch (padded, incl. "
@@ -78,6 +81,7 @@ def main(
     model_path: ModelPath = None,
     device: Device = None,
     engine: EngineOpt = "fast",
+    backend: BackendOpt = "auto",
     batch_size: BatchSize = None,
     toks_per_batch: Toks = 4096,
     parallel_workers: Annotated[int, _opt("--parallel_workers",
@@ -123,7 +127,7 @@ def main(
 
     config = RunConfig(
         hvg_file=hvg_file, out=out, model=str(model_path) if model_path else model_size,
-        device=device, engine=_engine(engine), batch_size=batch_size,
+        device=device, engine=_engine(engine), backend=backend, batch_size=batch_size,
         toks_per_batch=toks_per_batch, parallel_workers=parallel_workers,
         rate_limit=rate_limit, species=species,
         ensembl_url=ensembl_url, biotypes=_biotypes(biotypes), truncation=truncation,
@@ -144,6 +148,7 @@ def fasta(
     model_path: ModelPath = None,
     device: Device = None,
     engine: EngineOpt = "fast",
+    backend: BackendOpt = "auto",
     batch_size: BatchSize = None,
     toks_per_batch: Toks = 4096,
     truncation: Truncation = 1022,
@@ -163,9 +168,10 @@ def fasta(
         from .pipeline import run_fasta
 
         source = str(model_path) if model_path else model_size
-        model = load_model(source, device=device, engine=_engine(engine))  # type: ignore[arg-type]
-        cluster = (RayOptions(address=ray, actors=ray_actors, device=device, engine=engine)
-                   if ray else None)
+        model = load_model(source, device=device, engine=_engine(engine),  # type: ignore[arg-type]
+                           backend=backend)
+        cluster = (RayOptions(address=ray, actors=ray_actors, device=device, engine=engine,
+                              backend=model.backend) if ray else None)
         results = run_fasta(inputs, model=model, out_dir=out_dir,
                             toks_per_batch=toks_per_batch, batch_size=batch_size,
                             truncation=truncation, long_seqs=_long_seqs(long_seqs),

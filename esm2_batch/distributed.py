@@ -43,6 +43,7 @@ class RayOptions:
     actors: int | None = None
     device: str | None = None
     engine: str = "fast"
+    backend: str = "auto"
     rows_per_task: int = 64
     local_cpus: int | None = None
     start_timeout_s: float = 120.0
@@ -102,11 +103,13 @@ class EmbedActor:
     """A Ray actor: loads the model once, embeds row batches under the token budget."""
 
     def __init__(self, model: str, device: str | None, threads: int,
-                 embed_options: dict[str, Any], engine: str = "fast") -> None:
+                 embed_options: dict[str, Any], engine: str = "fast",
+                 backend: str = "auto") -> None:
         from .models import load_model
 
         torch.set_num_threads(max(1, threads))
-        self.model = load_model(model, device=device, engine=engine)  # type: ignore[arg-type]
+        self.model = load_model(model, device=device, engine=engine,  # type: ignore[arg-type]
+                                backend=backend)
         self.options = embed_options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -153,7 +156,7 @@ def embed_on_ray(items: Sequence[tuple[str, str, str]], *, model: str, options: 
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"model": model, "device": options.device,
                                "threads": threads, "embed_options": options.embed_options,
-                               "engine": options.engine},
+                               "engine": options.engine, "backend": options.backend},
         **reserve)
     start = time.perf_counter()
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):

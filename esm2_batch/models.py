@@ -46,10 +46,22 @@ from tqdm import tqdm
 
 from .engine import FastESM2
 from .errors import ModelError
+from .esmc import is_esmc_source, load_esmc
+from .hf_esm2 import (
+    find_in_hf_cache,
+    hf_model_name,
+    is_hf_esm2_dir,
+    looks_like_hub_id,
+    read_hf_esm2,
+)
 
 Engine = Literal["fast", "reference"]
 """Which forward runs the model: `engine.FastESM2` or fair-esm's own ESM2.forward."""
 ENGINES: tuple[str, ...] = get_args(Engine)
+Backend = Literal["fair-esm", "hf", "esmc"]
+"""Where the weights come from: fair-esm's .pt, ESM2 in the Hugging Face layout (renamed
+into fair-esm's, so both engines run it), or ESM C (its own module, esmc.py)."""
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +125,7 @@ class LoadedModel:
     dtype: torch.dtype
     engine: Engine = "reference"
     fast: FastESM2 | None = None
+    backend: Backend = "fair-esm"
 
     def __post_init__(self) -> None:
         if (self.engine == "fast") != (self.fast is not None):
@@ -125,6 +138,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     engine: Engine = "fast",
+    backend: str = "auto",
 ) -> LoadedModel:
     """Load an ESM2 by size ("650M"), fair-esm name or path of a local checkpoint.
 
@@ -138,17 +152,27 @@ def load_model(
         raise ModelError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
     target = _resolve_device(device)
     precision = _resolve_dtype(dtype, target)
-    source = resolve_model(model)
-    if isinstance(source, ModelSpec):
-        name, path = source.name, hub_checkpoint(source.name)
+    chosen = detect_backend(model) if backend == "auto" else backend
+    if chosen == "esmc":
+        return _load_esmc(model, target, precision)
+    if chosen == "hf":
+        name, path = hf_model_name(model), Path(model)
+        module, alphabet = _build(name, read_hf_esm2(model), path)
+    elif chosen == "fair-esm":
+        source = resolve_model(model)
+        if isinstance(source, ModelSpec):
+            name, path = source.name, hub_checkpoint(source.name)
+        else:
+            name, path = source.stem, source
+        module, alphabet = _build(name, read_checkpoint(path), path)
     else:
-        name, path = source.stem, source
-    module, alphabet = _build(name, read_checkpoint(path), path)
+        raise ModelError(f"unknown backend {backend!r}: use one of auto, {', '.join(BACKENDS)}")
     install_fp32_rotary(module)
     module = module.eval().to(device=target, dtype=precision)
     return LoadedModel(
         name=name, module=module, alphabet=alphabet, embed_dim=module.embed_dim,
         num_layers=module.num_layers, device=target, dtype=precision, engine=engine,
+        backend=chosen,  # type: ignore[arg-type]
         fast=(FastESM2.from_fair_esm(module, inv_freq=rotary_frequencies(module))
               if engine == "fast" else None),
     )
@@ -161,8 +185,53 @@ def representations(model: LoadedModel, tokens: torch.Tensor, *, layer: int) -> 
     (their states mean nothing, and the fast engine then skips computing them)."""
     if model.fast is not None:
         return model.fast(tokens, layer=layer, skip_padding=True)
-    states = model.module(tokens, repr_layers=[layer])["representations"][layer]
+    if model.backend == "esmc":
+        states = model.module(tokens, layer=layer)
+    else:
+        states = model.module(tokens, repr_layers=[layer])["representations"][layer]
     return states.masked_fill(tokens.eq(model.alphabet.padding_idx).unsqueeze(-1), 0.0)
+
+
+def detect_backend(model: str | os.PathLike[str]) -> Backend:
+    """fair-esm, hf or esmc, from what `model` names: a size or fair-esm name, a .pt in
+    fair-esm's layout, an HF folder (config.json + weights) or hub id in the local HF
+    cache, or an ESM C checkpoint (.pth, .safetensors or folder)."""
+    text = str(model)
+    if isinstance(model, str) and any(text.upper() == s.size.upper() or text == s.name
+                                      for s in ESM2_MODELS.values()):
+        return "fair-esm"
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if is_hf_esm2_dir(path):
+            return "hf"
+        if is_esmc_source(path):
+            return "esmc"
+        raise ModelError(f"{path}: neither an ESM2 folder in the Hugging Face layout nor "
+                         "an ESM C checkpoint; pass --backend to say which")
+    if path.is_file():
+        if path.suffix == ".pt":  # fair-esm's files; ESM C's originals are .pth
+            return "fair-esm"
+        if is_esmc_source(path):
+            return "esmc"
+        return "hf" if is_hf_esm2_dir(path.parent) else "fair-esm"
+    if looks_like_hub_id(text):
+        try:
+            folder = find_in_hf_cache(text)
+        except ModelError:
+            return "hf"  # read_hf_esm2 raises the one-line not-in-cache error
+        return "esmc" if is_esmc_source(folder) else "hf"
+    return "fair-esm"
+
+
+def _load_esmc(model: str | os.PathLike[str], device: torch.device,
+               dtype: torch.dtype) -> LoadedModel:
+    """ESM C runs its own module; it shares ESM2's token ids, so the same alphabet works."""
+    module = load_esmc(model).to(device=device, dtype=dtype)
+    name = Path(str(model)).name.split(".")[0] or str(model)
+    return LoadedModel(
+        name=name, module=module, alphabet=esm.data.Alphabet.from_architecture("ESM-1b"),
+        embed_dim=module.embed_dim, num_layers=module.num_layers, device=device,
+        dtype=dtype, engine="reference", fast=None, backend="esmc")
 
 
 def resolve_model(model: str | os.PathLike[str]) -> ModelSpec | Path:

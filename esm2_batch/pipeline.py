@@ -70,6 +70,7 @@ class RunConfig:
     model: str = "650M"
     device: str | None = None
     engine: str = "fast"            # "fast" (engine.py) or "reference" (fair-esm's forward)
+    backend: str = "auto"           # "fair-esm", "hf" or "esmc"; auto: from the model path
     batch_size: int | None = None
     toks_per_batch: int = 4096
     parallel_workers: int = 10
@@ -151,8 +152,8 @@ def run(config: RunConfig, *, model: LoadedModel | None = None) -> RunSummary:
     sources = resolve_sources(config)
     genes = sources.genes
     _check_output(config.out)
-    loaded = model or load_model(config.model, device=config.device,
-                                 engine=config.engine)  # type: ignore[arg-type]
+    loaded = model or load_model(config.model, device=config.device,  # type: ignore[arg-type]
+                                 engine=config.engine, backend=config.backend)
     _check_budget(config)
     settings = run_settings(config, loaded)
     reused = _reusable(config, settings)
@@ -256,7 +257,8 @@ def _check_budget(config: RunConfig) -> None:
 def run_settings(config: RunConfig, model: LoadedModel) -> dict[str, Any]:
     """What the rows and the fetched isoforms depend on; a resume must match them."""
     layer = config.repr_layer % (model.num_layers + 1)
-    return {"model": model.name, "embed_dim": model.embed_dim, "num_layers": model.num_layers,
+    return {"model": model.name, "backend": model.backend, "embed_dim": model.embed_dim,
+            "num_layers": model.num_layers,
             "layer": layer, "pooling": "mean", "truncation": config.truncation,
             "long_seqs": config.long_seqs, "species": config.species,
             "biotypes": sorted(config.biotypes)}
@@ -491,7 +493,7 @@ class RayEmbedStage(PendingSequences):
         self.ray_stats: RayStats | None = None
         self.options = RayOptions(address=config.ray or "local", actors=config.ray_actors,
                                   device=config.device, engine=config.engine,
-                                  embed_options=self._embed_options())
+                                  backend=model.backend, embed_options=self._embed_options())
 
     def start(self) -> None:
         """Join the cluster and check its resources now, before any fetching."""

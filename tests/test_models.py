@@ -108,8 +108,10 @@ def test_missing_path_names_it(tmp_path: Path) -> None:
 
 
 def test_directory_is_not_a_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="not a checkpoint file"):
+    with pytest.raises(ModelError, match=r"neither an ESM2 folder .* nor an ESM C"):
         load_model(tmp_path)
+    with pytest.raises(ModelError, match="not a checkpoint file"):
+        load_model(tmp_path, backend="fair-esm")
 
 
 def test_garbage_file_names_path(tmp_path: Path) -> None:
