@@ -17,14 +17,6 @@ from tests.fakes.tiny_hf import random_esmc_state, write_hf_esm2
 PROTEINS = ["MKTAYIAKQRQISFVKSHFSRQ", "MVLSPADKTNVKAAW", "MKV"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield None
-    torch.set_num_threads(threads)
-
-
 def test_hf_folder_gives_fair_esm_rows(tmp_path: Path) -> None:
     module = build_random_esm2(num_layers=2, embed_dim=32, heads=4, seed=5)
     fair = write_tiny_checkpoint(tmp_path / "esm2_t2_fair.pt", num_layers=2, embed_dim=32,

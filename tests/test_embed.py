@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import esm
@@ -22,16 +22,6 @@ from tests.fakes.tiny_esm import write_tiny_checkpoint
 LAYERS = 3
 TOLERANCE = 1e-5
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices gain nothing from intra-op threads, which on a shared 2-core machine
-    only spin against other processes (10x slower under load); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

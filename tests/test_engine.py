@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -33,15 +32,6 @@ LENGTH_MIXES: dict[str, list[str]] = {
     "several_chunks": ["".join(random.Random(i).choices(AMINO, k=200 + 9 * i))
                        for i in range(8)],  # T = 265: 3 rows per 1024-token chunk
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices gain nothing from threads on a shared 2-core machine; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES, ids=lambda a: "L{}-E{}-H{}-td{}".format(*a))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,15 +41,6 @@ from tests.fakes.tiny_hf import (
 D_MODEL, N_LAYERS, N_HEADS = 128, 3, 2  # 64-wide heads, as every ESM C
 TOLERANCE = 1e-5
 ALPHABET = "LAGVSERTIDPKQNFYMHWCXBUZO"  # ids 4..28, shared with ESM2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import esm
@@ -49,15 +48,6 @@ LAYERS, EMBED, HEADS = 3, 64, 2  # 32-wide heads: 16 rotary frequencies, most ro
 TOLERANCE = 1e-5
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 HUB_ID = "facebook/esm2_t3_tiny_UR50D"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
