@@ -42,7 +42,7 @@ import numpy as np
 from .errors import InputError
 from .export import check_gene_pooling, file_rows, gene_vectors
 from .genes import GeneList, dedupe, is_ensembl_gene_id, query_key
-from .store import EsmFile, read_esm_file
+from .store import EsmFile, check_writable, read_esm_file
 
 __all__ = [
     "ESM_KEY",
@@ -511,16 +511,7 @@ def check_h5ad_paths(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -
     if dst.exists() and dst.resolve() == src.resolve():
         raise InputError(f"{dst}: is the input file; --write_h5ad must name a new file (the "
                          "input is never modified)")
-    if dst.is_dir():
-        raise InputError(f"{dst}: is a directory; --write_h5ad takes a file name like "
-                         "out.h5ad")
-    parent = dst.resolve().parent
-    if not parent.is_dir():
-        raise InputError(f"{parent}: the output directory does not exist; create it or "
-                         "choose another --write_h5ad")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{parent}: the output directory is not writable; choose another "
-                         "--write_h5ad")
+    check_writable(dst, flag="--write_h5ad", example="out.h5ad")
 
 
 def _write_copy(src: Path, dst: Path, var: Any, notes: VarAnnotations) -> None:

@@ -26,18 +26,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from .errors import InputError, StoreError
 from .genes import is_ensembl_gene_id, query_key
-from .store import EsmFile, atomic_save, read_esm_file
+from .store import EsmFile, atomic_save, atomic_write, read_esm_file
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -326,7 +325,7 @@ def _write_npz(out: Path, table: _Table, meta: dict[str, Any]) -> None:
         "vectors": table.vectors,
         "meta": np.array(json.dumps(meta, sort_keys=True)),
     }
-    _atomic_write(out, lambda handle: np.savez(handle, **arrays))
+    atomic_write(out, lambda handle: np.savez(handle, **arrays))
 
 
 def _write_parquet(out: Path, table: _Table, meta: dict[str, Any]) -> None:
@@ -341,7 +340,7 @@ def _write_parquet(out: Path, table: _Table, meta: dict[str, Any]) -> None:
         "n_isoforms": pa.array(table.n_isoforms, type=pa.int32()),
         "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
     }).replace_schema_metadata({"esm2": json.dumps(meta, sort_keys=True)})
-    _atomic_write(out, lambda handle: pq.write_table(arrow, handle))
+    atomic_write(out, lambda handle: pq.write_table(arrow, handle))
 
 
 def _import_pyarrow() -> tuple[Any, Any]:
@@ -351,21 +350,6 @@ def _import_pyarrow() -> tuple[Any, Any]:
     except ImportError as exc:
         raise InputError(f"--format parquet needs pyarrow: {_PARQUET_HINT}") from exc
     return pa, pq
-
-
-def _atomic_write(out: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a handle to a temporary name in the same directory, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=out.resolve().parent, prefix=f".{out.name}.",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _some(names: Sequence[str], limit: int = 5) -> str:

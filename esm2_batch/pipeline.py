@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import os
 import platform
 import queue
 import threading
@@ -51,6 +50,7 @@ from .store import (
     PartialStore,
     assemble,
     atomic_save,
+    check_writable,
     describe_difference,
     read_esm_file,
     sequence_key,
@@ -235,15 +235,7 @@ def _offline_files(config: RunConfig) -> EnsemblFilesIndex | None:
 
 def _check_output(out: Path) -> None:
     """Fail now, not after the run, if the output cannot be written."""
-    parent = out.resolve().parent
-    if out.is_dir():
-        raise InputError(f"{out}: is a directory; --out takes a file name like esm_all.pt")
-    if not parent.is_dir():
-        raise InputError(f"{parent}: the output directory does not exist; create it or "
-                         "choose another --out")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{parent}: the output directory is not writable; choose another "
-                         "--out")
+    check_writable(out, flag="--out", example="esm_all.pt")
 
 
 def _check_budget(config: RunConfig) -> None:

@@ -12,14 +12,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-from .errors import StoreError
+from .errors import InputError, StoreError
 from .records import GeneIsoforms
 
 REQUIRED_KEYS = ("emb", "genes", "protein_ids", "gene_to_isoform_indices")
@@ -89,18 +89,38 @@ def sequence_key(sequence: str) -> str:
     return hashlib.sha1(sequence.encode("ascii")).hexdigest()
 
 
-def atomic_save(obj: object, path: Path) -> None:
-    """torch.save to a temporary name in the same directory, fsync, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through a handle to a temporary name in the same directory, fsync, then
+    rename: readers see the old file or the whole new one, never half of it."""
+    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.",
+                               suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """torch.save, atomically (see atomic_write)."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def check_writable(path: Path, *, flag: str, example: str) -> None:
+    """Fail before any work, naming the flag, if `path` cannot be written as a file."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; {flag} takes a file name like {example}")
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise InputError(f"{parent}: the output directory does not exist; create it or "
+                         f"choose another {flag}")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{parent}: the output directory is not writable; choose another "
+                         f"{flag}")
 
 
 class PartialStore:
