@@ -191,6 +191,7 @@ class Sources:
     fasta: dict[str, GeneIsoforms] | None = None  # --isoforms
     files: EnsemblFilesIndex | None = None  # --ensembl_files / --ensembl_release
     h5ad: H5adGenes | None = None  # --hvg_file data.h5ad
+    release: int | None = None  # the REST server's release, once it has been asked
 
     def notes(self) -> list[str]:
         notes = [self.h5ad.describe()] if self.h5ad is not None else []
@@ -291,17 +292,19 @@ def _fetch(config: RunConfig, todo: list[str], sources: Sources, store: PartialS
             for gene in sources.files.isoforms(todo, biotypes=config.biotypes):
                 accept(gene)
         elif todo:
-            asyncio.run(_fetch_ensembl(config, todo, accept, worker))
+            asyncio.run(_fetch_ensembl(config, todo, accept, worker, sources))
     finally:
         bar.close()
 
 
 async def _fetch_ensembl(config: RunConfig, todo: list[str],
-                         accept: Callable[[GeneIsoforms], None], worker: Stage) -> None:
+                         accept: Callable[[GeneIsoforms], None], worker: Stage,
+                         sources: Sources) -> None:
     async with EnsemblClient(species=config.species, base_url=config.ensembl_url,
                              rate_limit=config.rate_limit,
                              parallel_workers=config.parallel_workers,
                              biotypes=config.biotypes) as client:
+        sources.release = await client.release()
         async for gene in client.iter_isoforms(todo):
             if worker.full():  # backpressure without blocking the event loop
                 await asyncio.to_thread(worker.wait_for_room)
@@ -637,6 +640,7 @@ def _source_meta(config: RunConfig, sources: Sources, old: dict[str, Any]) -> di
     else:
         meta["isoform_source"] = "ensembl-rest"
         meta["ensembl_url"] = resolve_base_url(config.ensembl_url)
+        meta["ensembl_release"] = sources.release or meta["ensembl_release"]
     if sources.h5ad is not None:
         meta["id_column"] = sources.h5ad.id_column
     return {k: v for k, v in meta.items() if v is not None}

@@ -305,3 +305,12 @@ async def test_symbols_in_another_case_match_with_a_warning(
     assert genes[0].gene_id == "ENSG00000157764"
     assert "braf: matched Ensembl symbol BRAF only ignoring case" in caplog.text
     assert fake.counts["lookup"] == 2  # one retry request for the misses, not one each
+
+
+async def test_release_is_asked_and_its_absence_is_not_an_error(serve: Start) -> None:
+    fake = await serve(release=112)
+    async with client(fake) as c:
+        assert await c.release() == 112
+    silent = await serve(release=None)
+    async with client(silent) as c:
+        assert await c.release() is None

@@ -73,6 +73,7 @@ def test_output_follows_the_contract(tmp_path: Path, fake: FakeEnsembl,
     assert next(data["protein_ids"][i] for i in index["BRAF"]) == "ENSP00000493543"
     assert len(index["ENSG00900000003.2"]) == 3
     assert data["meta"]["gene_ids"]["ENSG00900000003.2"] == "ENSG00900000003"
+    assert data["meta"]["ensembl_release"] == 114  # asked of the server (GET /info/data)
     assert summary.not_found == ["NOT_A_GENE"] and summary.no_protein == ["GENE0010"]
     assert (tmp_path / "esm_all.not_found.txt").read_text() == "NOT_A_GENE\n"
     assert not partial_dir(tmp_path / "esm_all.pt").exists()

@@ -27,7 +27,7 @@ from typing import Any
 
 import aiohttp
 
-from ..errors import EnsemblResponseError
+from ..errors import EnsemblError, EnsemblResponseError
 from ..genes import dedupe, is_ensembl_gene_id, query_key
 from ..records import GeneIsoforms
 from .parse import GeneRecord, build_gene, index_sequences, no_protein, not_found, parse_gene
@@ -94,6 +94,18 @@ class EnsemblClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.transport.__aexit__(*exc_info)
+
+    async def release(self) -> int | None:
+        """The server's Ensembl release (GET /info/data), or None when it will not say:
+        provenance for the output's meta, never a reason to fail a run."""
+        try:
+            reply = await self.transport.get("/info/data")
+        except EnsemblError as exc:
+            log.info("Ensembl release unknown (%s)", exc)
+            return None
+        releases = reply.get("releases") if isinstance(reply, dict) else None
+        numbers = [r for r in releases or () if isinstance(r, int)]
+        return max(numbers) if numbers else None
 
     async def fetch_isoforms(self, queries: Iterable[str]) -> list[GeneIsoforms]:
         """One GeneIsoforms per distinct query, in input order."""

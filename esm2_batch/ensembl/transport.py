@@ -130,8 +130,10 @@ class JsonTransport:
             await self._session.close()
             self._session = None
 
-    async def post(self, path: str, body: dict[str, Any], *, queries: Sequence[str]) -> Any:
-        """POST `body` to `path` and return the decoded JSON, retrying what is transient."""
+    async def post(self, path: str, body: dict[str, Any] | None, *,
+                   queries: Sequence[str]) -> Any:
+        """POST `body` (GET when None) to `path` and return the decoded JSON, retrying
+        what is transient."""
         failures = limited = 0
         while True:
             outcome = await self._attempt(path, body)
@@ -148,7 +150,11 @@ class JsonTransport:
             self.stats["retries"] += 1
             await self._sleep(delay)
 
-    async def _attempt(self, path: str, body: dict[str, Any]) -> _Outcome:
+    async def get(self, path: str) -> Any:
+        """GET `path` (small informational endpoints), with the same politeness."""
+        return await self.post(path, None, queries=())
+
+    async def _attempt(self, path: str, body: dict[str, Any] | None) -> _Outcome:
         async with self._slots:
             await self._gate.wait()
             async with self._limiter:
@@ -157,11 +163,12 @@ class JsonTransport:
                 self.stats[f"requests {path.split('/')[1]}"] += 1
                 return await self._send(path, body)
 
-    async def _send(self, path: str, body: dict[str, Any]) -> _Outcome:
+    async def _send(self, path: str, body: dict[str, Any] | None) -> _Outcome:
         assert self._session is not None, "use JsonTransport as 'async with'"
+        method = "GET" if body is None else "POST"
         try:
-            async with self._session.post(self.base_url + path, json=body,
-                                          timeout=self._timeout) as resp:
+            async with self._session.request(method, self.base_url + path, json=body,
+                                             timeout=self._timeout) as resp:
                 text = await resp.text(errors="replace")
                 self._note_budget(resp.headers)
                 self._reached = True

@@ -135,6 +135,7 @@ class FakeEnsembl:
     latency: float = 0.0                      # seconds before each reply
     bandwidth: float | None = None            # reply bytes per second
     hourly_limit: int = 55000
+    release: int | None = 114                 # GET /info/data; None answers 404
     reset_seconds: float = 3600.0             # X-RateLimit-Reset
     stall_seconds: float = 5.0
     max_lookup: int = 1000
@@ -161,6 +162,7 @@ class FakeEnsembl:
         app.router.add_post("/lookup/id", self._lookup_id)
         app.router.add_post("/lookup/symbol/{species}", self._lookup_symbol)
         app.router.add_post("/sequence/id", self._sequence_id)
+        app.router.add_get("/info/data", self._info_data)
         return app
 
     async def start(self) -> str:
@@ -192,6 +194,12 @@ class FakeEnsembl:
             loop.close()
 
     # -- handlers --------------------------------------------------------------------
+    async def _info_data(self, request: web.Request) -> web.StreamResponse:
+        self.counts["info"] += 1
+        if self.release is None:
+            return web.json_response({"error": "page not found"}, status=404)
+        return web.json_response({"releases": [self.release]})
+
     async def _lookup_id(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, "lookup", "ids", self.max_lookup,
                                   lambda ids: {i: self._gene_record(self._by_id.get(i))
