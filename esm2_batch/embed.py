@@ -195,6 +195,10 @@ def _options(
         raise InputError(f"batch_size must be a positive integer or None, not {size!r}")
     if not _positive_int(cut):
         raise InputError(f"truncation must be a positive integer, not {cut!r}")
+    if cut > model.max_residues:  # positions beyond the context the model was trained on
+        raise InputError(f"truncation {cut} exceeds {model.name}'s context of "
+                         f"{model.max_residues} residues; lower it, or use "
+                         "long_seqs='window' to cover long proteins whole")
     if pooling not in get_args(Pooling):
         raise InputError(f"pooling must be one of {get_args(Pooling)}, not {pooling!r}")
     if long_seqs not in get_args(LongSeqs):

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from .engine import FastESM2
 from .errors import ModelError
-from .esmc import is_esmc_source, load_esmc
+from .esmc import CONTEXT_TOKENS, is_esmc_source, load_esmc
 from .hf_esm2 import (
     find_in_hf_cache,
     hf_model_name,
@@ -126,6 +126,12 @@ class LoadedModel:
     engine: Engine = "reference"
     fast: FastESM2 | None = None
     backend: Backend = "fair-esm"
+
+    @property
+    def max_residues(self) -> int:
+        """Residues that fit the training context next to BOS and EOS: 1022 for ESM2,
+        2046 for ESM C."""
+        return CONTEXT_TOKENS - 2 if self.backend == "esmc" else 1022
 
     def __post_init__(self) -> None:
         if (self.engine == "fast") != (self.fast is not None):

@@ -154,7 +154,7 @@ def run(config: RunConfig, *, model: LoadedModel | None = None) -> RunSummary:
     _check_output(config.out)
     loaded = model or load_model(config.model, device=config.device,  # type: ignore[arg-type]
                                  engine=config.engine, backend=config.backend)
-    _check_budget(config)
+    _check_budget(config, loaded)
     settings = run_settings(config, loaded)
     reused = _reusable(config, settings)
     store = PartialStore(partial_dir(config.out), settings, overwrite=config.overwrite)
@@ -239,7 +239,11 @@ def _check_output(out: Path) -> None:
     check_writable(out, flag="--out", example="esm_all.pt")
 
 
-def _check_budget(config: RunConfig) -> None:
+def _check_budget(config: RunConfig, model: LoadedModel) -> None:
+    if config.truncation > model.max_residues:
+        raise InputError(f"--truncation {config.truncation} exceeds {model.name}'s context "
+                         f"of {model.max_residues} residues; lower it, or use --long_seqs "
+                         "window to cover long proteins whole")
     need = min(config.truncation, MAX_RESIDUES) + SPECIAL_TOKENS
     if config.toks_per_batch < need:
         raise InputError(f"--toks_per_batch {config.toks_per_batch} cannot hold one "

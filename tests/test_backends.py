@@ -70,3 +70,18 @@ def test_cli_writes_the_backend_into_meta(tmp_path: Path, kind: str) -> None:
     assert result.exit_code == 0, result.stderr
     meta = torch.load(out, weights_only=True)["meta"]
     assert meta["backend"] == kind and meta["embed_dim"] == dim and meta["model"]
+
+
+def test_truncation_beyond_the_context_is_refused(tmp_path: Path) -> None:
+    from esm2_batch.errors import InputError
+
+    model = load_model(write_tiny_checkpoint(tmp_path, num_layers=1, embed_dim=16),
+                       device="cpu")
+    assert model.max_residues == 1022
+    with pytest.raises(InputError, match=r"exceeds .* context of 1022 residues"):
+        embed_sequences(model, ["MKV"], truncation=2000)
+    esmc = tmp_path / "esmc_tiny.pth"
+    torch.save(random_esmc_state(d_model=64, n_layers=1, seed=2), esmc)
+    long_context = load_model(esmc, device="cpu")
+    assert long_context.max_residues == 2046
+    assert embed_sequences(long_context, ["MKV"], truncation=2000).shape == (1, 64)
