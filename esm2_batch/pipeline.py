@@ -244,7 +244,7 @@ def _check_budget(config: RunConfig, model: LoadedModel) -> None:
         raise InputError(f"--truncation {config.truncation} exceeds {model.name}'s context "
                          f"of {model.max_residues} residues; lower it, or use --long_seqs "
                          "window to cover long proteins whole")
-    need = min(config.truncation, MAX_RESIDUES) + SPECIAL_TOKENS
+    need = min(config.truncation, model.max_residues) + SPECIAL_TOKENS
     if config.toks_per_batch < need:
         raise InputError(f"--toks_per_batch {config.toks_per_batch} cannot hold one "
                          f"sequence of {need - SPECIAL_TOKENS} residues; use at least {need} "
