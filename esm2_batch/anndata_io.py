@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .export import check_gene_pooling, file_rows, gene_vectors
+from .export import check_gene_pooling, gene_vectors
 from .genes import GeneList, dedupe, is_ensembl_gene_id, query_key
 from .store import EsmFile, check_writable, read_esm_file
 
@@ -388,7 +388,7 @@ def var_annotations(esm: EsmFile, queries: Sequence[str | None], *,
 
 def _file_keys(esm: EsmFile, queries: Sequence[str | None]) -> tuple[list[str | None], int]:
     """The esm_all.pt key of each query (None: not in the file), and how many by alias."""
-    direct = file_rows(esm, [q or "" for q in queries])
+    direct = esm.match_rows([q or "" for q in queries])
     aliases = _aliases(esm)
     keys: list[str | None] = []
     via_alias = 0

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, StoreError
-from .genes import is_ensembl_gene_id, query_key
+from .genes import is_ensembl_gene_id
 from .store import EsmFile, atomic_save, atomic_write, read_esm_file
 
 __all__ = [
@@ -44,7 +44,6 @@ __all__ = [
     "ExportResult",
     "GeneVectors",
     "export_genes",
-    "file_rows",
     "gene_symbols",
     "gene_vectors",
 ]
@@ -79,23 +78,6 @@ class GeneVectors:
     gene_pooling: str
 
 
-def file_rows(esm: EsmFile, genes: Sequence[str]) -> list[list[int] | None]:
-    """The file's row indices of each gene (None: the file does not list it).
-
-    Exact key first, then the gene-list reader's key (Ensembl IDs without version, any
-    case): the rule of load_esm_matrix, so both find the same rows for the same names.
-    """
-    index = esm.gene_to_isoform_indices
-    by_key: dict[str, str] = {}
-    for file_gene in index:
-        by_key.setdefault(query_key(file_gene), file_gene)
-    found: list[list[int] | None] = []
-    for gene in genes:
-        file_gene = gene if gene in index else by_key.get(query_key(gene))
-        found.append(None if file_gene is None else index[file_gene])
-    return found
-
-
 def gene_vectors(esm: EsmFile, genes: Sequence[str] | None = None, *,
                  gene_pooling: str = "canonical") -> GeneVectors:
     """Pool each gene's isoform rows into one float32 vector (default: the file's genes).
@@ -105,7 +87,7 @@ def gene_vectors(esm: EsmFile, genes: Sequence[str] | None = None, *,
     """
     check_gene_pooling(gene_pooling)
     names = list(esm.genes if genes is None else _as_names(genes))
-    found = file_rows(esm, names)
+    found = esm.match_rows(names)
     rows = [r or [] for r in found]
     chosen = [r[:1] if gene_pooling == "canonical" else r for r in rows]
     matrix = _mean_rows(esm.emb, chosen)  # [G, E] float32

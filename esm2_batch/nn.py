@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError, StoreError
-from .genes import query_key
-from .store import EsmFile, read_esm_file
+from .store import read_esm_file
 
 __all__ = [
     "ISOFORM_MODES",
@@ -86,7 +85,7 @@ def load_esm_matrix(
     _check_isoform(isoform)
     vocabulary = _as_gene_list(genes)
     esm = read_esm_file(path)
-    rows = _rows_for(esm, vocabulary)  # one list[int] per gene, None when not in the file
+    rows = esm.match_rows(vocabulary)  # one list[int] per gene, None when not in the file
     absent = [gene for gene, found in zip(vocabulary, rows, strict=True) if found is None]
     if absent:
         warnings.warn(f"{path}: {len(absent)} of {len(vocabulary)} vocabulary genes are not "
@@ -97,19 +96,6 @@ def load_esm_matrix(
     _check_finite(matrix, vocabulary, source=str(path))
     has_protein = torch.tensor([bool(found) for found in rows], dtype=torch.bool)  # [G]
     return matrix, has_protein
-
-
-def _rows_for(esm: EsmFile, vocabulary: Sequence[str]) -> list[list[int] | None]:
-    """The file's row indices of each vocabulary gene (None: the file does not list it)."""
-    index = esm.gene_to_isoform_indices
-    by_key: dict[str, str] = {}
-    for file_gene in index:
-        by_key.setdefault(query_key(file_gene), file_gene)
-    found: list[list[int] | None] = []
-    for gene in vocabulary:
-        file_gene = gene if gene in index else by_key.get(query_key(gene))
-        found.append(None if file_gene is None else index[file_gene])
-    return found
 
 
 def _mean_rows(emb: torch.Tensor, chosen: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 import torch
 
 from .errors import InputError, StoreError
+from .genes import query_key
 from .records import GeneIsoforms
 
 REQUIRED_KEYS = ("emb", "genes", "protein_ids", "gene_to_isoform_indices")
@@ -42,6 +43,23 @@ class EsmFile:
     def rows_of(self, gene: str) -> list[int]:
         """The row indices of a gene, canonical first ([] when it has no protein)."""
         return self.gene_to_isoform_indices.get(gene, [])
+
+    def match_rows(self, genes: Sequence[str]) -> list[list[int] | None]:
+        """Each gene's row indices, None when the file does not list it.
+
+        Exact key first, then the gene-list reader's key (Ensembl IDs without version,
+        any case), so a model vocabulary of ENSG00000157764.13 finds ENSG00000157764.
+        The one rule every consumer (load_esm_matrix, export, h5ad) matches names by.
+        """
+        index = self.gene_to_isoform_indices
+        by_key: dict[str, str] = {}
+        for file_gene in index:
+            by_key.setdefault(query_key(file_gene), file_gene)
+        found: list[list[int] | None] = []
+        for gene in genes:
+            file_gene = gene if gene in index else by_key.get(query_key(gene))
+            found.append(None if file_gene is None else index[file_gene])
+        return found
 
 
 def read_esm_file(path: str | Path) -> EsmFile:

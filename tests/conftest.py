@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+
+from esm2_batch.models import LoadedModel, load_model
+from tests.fakes.tiny_esm import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -16,3 +20,15 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random ESM2 (2 layers, dim 32) in fair-esm's official checkpoint layout."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("model"), num_layers=2, embed_dim=32)
+
+
+@pytest.fixture(scope="session")
+def model(checkpoint: Path) -> LoadedModel:
+    """That checkpoint loaded through the real loading path, on the CPU."""
+    return load_model(checkpoint, device="cpu")

@@ -13,15 +13,9 @@ from typer.testing import CliRunner
 
 from esm2_batch.cli import app
 from tests.fakes.ensembl import FakeEnsembl, braf, synthetic_genes
-from tests.fakes.tiny_esm import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("model"), num_layers=2, embed_dim=32)
 
 
 @pytest.fixture(scope="module")

@@ -16,26 +16,15 @@ import torch
 
 from esm2_batch.embed import embed_sequences
 from esm2_batch.errors import StoreError
-from esm2_batch.models import LoadedModel, load_model
+from esm2_batch.models import LoadedModel
 from esm2_batch.pipeline import RunConfig, partial_dir, run, run_fasta
 from esm2_batch.store import read_esm_file
 from tests.fakes.ensembl import FakeEnsembl, braf, synthetic_genes
-from tests.fakes.tiny_esm import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 GENES = [braf(), *synthetic_genes(40, coding=3, nmd=1, noncoding_every=10)]
 QUERIES = ["BRAF", "NOT_A_GENE", "GENE0010", "ENSG00900000003.2", *[f"GENE{i:04d}" for i in
                                                                   range(1, 9)], "BRAF"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("model"), num_layers=2, embed_dim=32)
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint: Path) -> LoadedModel:
-    return load_model(checkpoint, device="cpu")
 
 
 @pytest.fixture

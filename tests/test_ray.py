@@ -13,11 +13,10 @@ import pytest
 import torch
 
 from esm2_batch.errors import ModelError
-from esm2_batch.models import LoadedModel, load_model
+from esm2_batch.models import LoadedModel
 from esm2_batch.pipeline import RunConfig, run
 from esm2_batch.store import PartialStore, read_esm_file
 from tests.fakes.ensembl import FakeEnsembl, braf, synthetic_genes
-from tests.fakes.tiny_esm import write_tiny_checkpoint
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -37,16 +36,6 @@ def cluster() -> Iterator[None]:
                  log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("model"), num_layers=2, embed_dim=32)
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint: Path) -> LoadedModel:
-    return load_model(checkpoint, device="cpu")
 
 
 @pytest.fixture
