@@ -1,8 +1,7 @@
 """esm2-batch: gene list -> Ensembl isoforms -> ESM2 vectors -> one esm_all.pt."""
 
-from .embed import Embedded, embed_sequences, iter_embeddings
-from .ensembl import EnsemblClient, fetch_isoforms
-from .errors import (
+from esm2_batch.embedding.embed import Embedded, embed_sequences, iter_embeddings
+from esm2_batch.errors import (
     EmbeddingError,
     EnsemblError,
     Esm2BatchError,
@@ -10,9 +9,10 @@ from .errors import (
     ModelError,
     StoreError,
 )
-from .genes import read_gene_list
-from .models import ESM2_MODELS, LoadedModel, load_model
-from .records import GeneIsoforms, Isoform
+from esm2_batch.models import ESM2_MODELS, LoadedModel, load_model
+from esm2_batch.records import GeneIsoforms, Isoform
+from esm2_batch.sources.ensembl_rest import EnsemblClient, fetch_isoforms
+from esm2_batch.sources.gene_lists import read_gene_list
 
 __all__ = [
     "ESM2_MODELS",

@@ -1,5 +1,5 @@
 """`python -m esm2_batch` runs the esm2-batch command."""
 
-from .cli import app
+from esm2_batch.cli import app
 
 app(prog_name="esm2-batch")

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import (
+from esm2_batch.errors import (
     EmbeddingError,
     EnsemblError,
     EnsemblUnavailableError,
@@ -123,7 +123,7 @@ def main(
     if ctx.invoked_subcommand is not None:
         return
     _logging(verbose, quiet)
-    from .pipeline import RunConfig
+    from esm2_batch.run.gene_mode import RunConfig
 
     config = RunConfig(
         hvg_file=hvg_file, out=out, model=str(model_path) if model_path else model_size,
@@ -163,9 +163,9 @@ def fasta(
     _logging(verbose, quiet)
 
     def work() -> None:
-        from .distributed import RayOptions
-        from .models import load_model
-        from .pipeline import run_fasta
+        from esm2_batch.models import load_model
+        from esm2_batch.run.gene_mode import run_fasta
+        from esm2_batch.run.ray_stage import RayOptions
 
         source = str(model_path) if model_path else model_size
         model = load_model(source, device=device, engine=_engine(engine),  # type: ignore[arg-type]
@@ -201,7 +201,7 @@ def export(
     """Write one vector per gene of an esm_all.pt for SATURN/UCE or non-torch users."""
 
     def work() -> None:
-        from .export import export_genes
+        from esm2_batch.outputs.export import export_genes
 
         result = export_genes(esm_file, fmt=fmt, gene_pooling=_gene_pooling(gene_pooling),
                               out=out, include_missing=include_missing)
@@ -225,7 +225,7 @@ def download(
     """Fetch (or print the URLs of) Ensembl's FTP files for offline runs."""
 
     def work() -> None:
-        from .ensembl.files import (
+        from esm2_batch.sources.ensembl_files import (
             download_commands,
             download_ensembl_files,
             ensembl_cache_dir,
@@ -258,7 +258,7 @@ def _gene_pooling(value: str) -> str:
 
 
 def _run(config: object, quiet: bool) -> None:
-    from .pipeline import run
+    from esm2_batch.run.gene_mode import run
 
     summary = run(config)  # type: ignore[arg-type]
     for line in summary.lines():

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError, StoreError
-from .store import read_esm_file
+from esm2_batch.errors import InputError, StoreError
+from esm2_batch.store.esm_file import read_esm_file
 
 __all__ = [
     "ISOFORM_MODES",

@@ -60,9 +60,8 @@ sys.path.insert(0, str(ROOT))
 
 import esm  # noqa: E402
 
-from esm2_batch.batching import SPECIAL_TOKENS, padded_tokens, plan_batches  # noqa: E402
-from esm2_batch.embed import embed_sequences  # noqa: E402
-from esm2_batch.engine import FastESM2  # noqa: E402
+from esm2_batch.embedding.batching import SPECIAL_TOKENS, padded_tokens, plan_batches  # noqa: E402
+from esm2_batch.embedding.embed import embed_sequences  # noqa: E402
 from esm2_batch.models import (  # noqa: E402
     ESM2_MODELS,
     LoadedModel,
@@ -70,6 +69,7 @@ from esm2_batch.models import (  # noqa: E402
     load_model,
     read_checkpoint,
 )
+from esm2_batch.models.esm2_fast import FastESM2  # noqa: E402
 from tests.fakes.tiny_esm import write_random_checkpoint  # noqa: E402
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"

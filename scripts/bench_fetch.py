@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from esm2_batch.ensembl import EnsemblClient
+from esm2_batch.sources.ensembl_rest import EnsemblClient
 from tests.fakes.ensembl import FakeEnsembl, synthetic_genes
 
 

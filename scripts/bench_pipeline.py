@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from esm2_batch import read_gene_list
-from esm2_batch.ensembl import EnsemblClient
-from esm2_batch.fasta import write_isoforms_fasta
 from esm2_batch.models import load_model
-from esm2_batch.pipeline import RunConfig, run
+from esm2_batch.run.gene_mode import RunConfig, run
+from esm2_batch.sources.ensembl_rest import EnsemblClient
+from esm2_batch.sources.isoforms_fasta import write_isoforms_fasta
 from tests.fakes.ensembl import FakeEnsembl, genes_for_symbols
 from tests.fakes.tiny_esm import write_random_checkpoint
 

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from esm2_batch.distributed import RayOptions, embed_on_ray, shutdown
-from esm2_batch.embed import embed_sequences
+from esm2_batch.embedding.embed import embed_sequences
 from esm2_batch.models import load_model
+from esm2_batch.run.ray_stage import RayOptions, embed_on_ray, shutdown
 from tests.fakes.tiny_esm import write_random_checkpoint
 
 AMINO = "ACDEFGHIKLMNPQRSTVWY"

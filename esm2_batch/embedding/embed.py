@@ -1,0 +1,441 @@
+"""Protein sequences -> ESM2 vectors: validate, dedupe, batch, forward, pool, check.
+
+Two entry points share one pipeline (plan, forward, pool, check):
+
+- `embed_sequences` returns every row at once, in input order: a float32 CPU tensor
+  [n, dim] (``pooling="mean"`` or ``"bos"``) or a list of [L_i, dim] tensors
+  (``"per_residue"``).
+- `iter_embeddings` yields one `Embedded` record per input as soon as its batch is done
+  (completion order, longest sequences first), so a caller can write rows to disk as they
+  are made; failures arrive as records too, and the rest go on.
+
+Policies, decided once here:
+
+- Letters: the 20 amino acids plus X, B, U, Z, O (ESM's alphabet); lowercase is
+  uppercased; one trailing '*' (a translated stop codon) is dropped. Anything else,
+  including '*' inside, gaps ('-', '.'), digits, J and whitespace, is an `InputError`
+  naming the sequence, the character and its position, raised before any model work.
+- Identical sequences (after that cleaning) are embedded once and shared.
+- Long proteins: ``long_seqs="truncate"`` keeps the first `truncation` residues, as
+  esm-extract does. ``"window"`` covers the whole protein with windows of
+  ``min(truncation, 1022)`` residues overlapping by a quarter window (see
+  `batching.plan_windows`); each residue's state is the mean over the windows covering it,
+  then pooled, so a titin costs ~46 window passes and never more memory than one.
+  ``pooling="bos"`` in window mode is the mean of the windows' BOS states.
+- A sequence (or window) that alone needs more than `toks_per_batch` tokens is an
+  `InputError` before any model work: the budget is never exceeded silently.
+- CUDA out of memory: the batch is halved and retried down to one sequence; a sequence
+  that still does not fit fails alone (an `EmbeddingError` in its record).
+- Every row is checked for shape and finiteness; a bad row is an `EmbeddingError` naming
+  the sequence. `embed_sequences` runs everything first, then raises one `EmbeddingError`
+  listing all failures; use `iter_embeddings` to keep the rows that succeeded.
+- The forward is the one the model was loaded with (``load_model(..., engine=...)``: the
+  fast engine by default, fair-esm's own forward as the reference) and runs under
+  ``torch.inference_mode``; returned rows are ordinary tensors, and fair-esm's rotary
+  cache is rebuilt for later grad-enabled calls (see models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, NoReturn, get_args
+
+import torch
+
+from esm2_batch.embedding.batching import (
+    MAX_RESIDUES,
+    SPECIAL_TOKENS,
+    plan_batches,
+    plan_windows,
+    window_coverage,
+)
+from esm2_batch.errors import EmbeddingError, InputError
+from esm2_batch.models import LoadedModel, representations
+
+Pooling = Literal["mean", "per_residue", "bos"]
+LongSeqs = Literal["truncate", "window"]
+SequenceInput = str | tuple[str, str]
+"""A bare sequence (named by its index) or a (name, sequence) pair."""
+
+RESIDUES = frozenset("ACDEFGHIKLMNPQRSTVWYXBUZO")
+"""The letters ESM2 embeds: 20 amino acids, X (unknown), B, Z (ambiguous), U, O."""
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    """One input's outcome: its row (float32, CPU) or the error that stopped it."""
+
+    index: int
+    name: str
+    row: torch.Tensor | None
+    error: EmbeddingError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class _Options:
+    """Validated keyword options; `layer` is the absolute layer index (0 = embeddings)."""
+
+    toks_per_batch: int
+    batch_size: int | None
+    truncation: int
+    long_seqs: LongSeqs
+    pooling: Pooling
+    layer: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """Residues [start, end) of unique sequence `item`: one row of one forward pass."""
+
+    item: int
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """The validated, deduplicated plan of one call; built before any model work."""
+
+    names: list[str]  # per input
+    owners: list[list[int]]  # unique sequence -> indices of the inputs that carry it
+    tokens: list[torch.Tensor]  # unique sequence -> residue token ids (uint8)
+    windows: list[tuple[tuple[int, int], ...]]  # unique sequence -> its pieces' ranges
+    pieces: list[_Piece]
+    batches: tuple[tuple[int, ...], ...]  # indices into `pieces`
+
+
+def embed_sequences(
+    model: LoadedModel,
+    sequences: Sequence[SequenceInput],
+    *,
+    toks_per_batch: int = 4096,
+    batch_size: int | None = None,
+    truncation: int = MAX_RESIDUES,
+    long_seqs: LongSeqs = "truncate",
+    pooling: Pooling = "mean",
+    repr_layer: int = -1,
+) -> torch.Tensor | list[torch.Tensor]:
+    """Embed `sequences` and return their rows in input order (see the module docstring).
+
+    Raises `InputError` before any model work for bad letters or options, and one
+    `EmbeddingError` naming every sequence that failed after all others have run.
+    """
+    results = list(iter_embeddings(
+        model, sequences, toks_per_batch=toks_per_batch, batch_size=batch_size,
+        truncation=truncation, long_seqs=long_seqs, pooling=pooling, repr_layer=repr_layer,
+    ))
+    _raise_failures([r.error for r in results if r.error is not None])
+    rows: list[torch.Tensor] = [torch.empty(0)] * len(results)
+    for result in results:
+        assert result.row is not None
+        rows[result.index] = result.row
+    if pooling == "per_residue":
+        return rows
+    return torch.stack(rows) if rows else torch.empty(0, model.embed_dim)
+
+
+def iter_embeddings(
+    model: LoadedModel,
+    sequences: Sequence[SequenceInput],
+    *,
+    toks_per_batch: int = 4096,
+    batch_size: int | None = None,
+    truncation: int = MAX_RESIDUES,
+    long_seqs: LongSeqs = "truncate",
+    pooling: Pooling = "mean",
+    repr_layer: int = -1,
+) -> Iterator[Embedded]:
+    """Validate and plan now, then yield an `Embedded` per input as its batch finishes.
+
+    Validation is eager (an `InputError` is raised by this call, not by the first
+    ``next``); every input is yielded exactly once, in completion order.
+    """
+    options = _options(model, toks_per_batch=toks_per_batch, batch_size=batch_size,
+                       truncation=truncation, long_seqs=long_seqs, pooling=pooling,
+                       repr_layer=repr_layer)
+    job = _plan(model, sequences, options)
+    return _run(model, job, options)
+
+
+def clean_sequence(sequence: str, *, name: str) -> str:
+    """Uppercase, drop one trailing stop '*', and reject any letter ESM2 does not read."""
+    if not isinstance(sequence, str):
+        raise InputError(f"sequence {name!r} is a {type(sequence).__name__}, not a string")
+    if not sequence.isascii():  # checked first: str.upper() maps some non-ASCII to ASCII
+        _raise_bad_letter(sequence, name, allowed=lambda c: c.isascii())
+    cleaned = sequence.upper().removesuffix("*")
+    if not cleaned:
+        raise InputError(f"sequence {name!r} is empty")
+    if not RESIDUES.issuperset(cleaned):
+        _raise_bad_letter(cleaned, name, allowed=RESIDUES.__contains__)
+    return cleaned
+
+
+def _raise_bad_letter(sequence: str, name: str, *, allowed: Callable[[str], bool]) -> NoReturn:
+    """Raise the InputError for the first character `allowed` rejects."""
+    position, char = next((i, c) for i, c in enumerate(sequence) if not allowed(c))
+    raise InputError(
+        f"sequence {name!r} has invalid character {char!r} at position {position + 1}: "
+        f"ESM2 reads the 20 amino acids plus X, B, U, Z, O (a trailing '*' is dropped)"
+    )
+
+
+def _options(
+    model: LoadedModel, *, toks_per_batch: int, batch_size: int | None, truncation: int,
+    long_seqs: LongSeqs, pooling: Pooling, repr_layer: int,
+) -> _Options:
+    """Check every option against its allowed values before anything runs."""
+    toks, size, cut, layer = toks_per_batch, batch_size, truncation, repr_layer
+    if not _positive_int(toks):
+        raise InputError(f"toks_per_batch must be a positive integer, not {toks!r}")
+    if size is not None and not _positive_int(size):
+        raise InputError(f"batch_size must be a positive integer or None, not {size!r}")
+    if not _positive_int(cut):
+        raise InputError(f"truncation must be a positive integer, not {cut!r}")
+    if cut > model.max_residues:  # positions beyond the context the model was trained on
+        raise InputError(f"truncation {cut} exceeds {model.name}'s context of "
+                         f"{model.max_residues} residues; lower it, or use "
+                         "long_seqs='window' to cover long proteins whole")
+    if pooling not in get_args(Pooling):
+        raise InputError(f"pooling must be one of {get_args(Pooling)}, not {pooling!r}")
+    if long_seqs not in get_args(LongSeqs):
+        raise InputError(f"long_seqs must be one of {get_args(LongSeqs)}, not {long_seqs!r}")
+    depth = model.num_layers
+    if not _int(layer) or not -(depth + 1) <= layer <= depth:
+        raise InputError(f"repr_layer must be in [{-(depth + 1)}, {depth}] for "
+                         f"{model.name}, not {layer!r}")
+    return _Options(toks_per_batch=toks, batch_size=size, truncation=cut,
+                    long_seqs=long_seqs, pooling=pooling, layer=layer % (depth + 1))
+
+
+def _int(value: object) -> bool:
+    """An int that is not a bool (True would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(value: object) -> bool:
+    return _int(value) and value > 0  # type: ignore[operator]
+
+
+def _named(sequences: Sequence[SequenceInput]) -> list[tuple[str, str]]:
+    """(name, sequence) pairs; a bare string is named by its index."""
+    if isinstance(sequences, str):
+        raise InputError("sequences must be a list of sequences or (name, sequence) pairs, "
+                         "not one string")
+    pairs = []
+    for index, item in enumerate(sequences):
+        if isinstance(item, str):
+            pairs.append((str(index), item))
+        elif isinstance(item, tuple | list) and len(item) == 2:
+            pairs.append((str(item[0]), item[1]))
+        else:
+            raise InputError(f"item {index} is neither a sequence nor a (name, sequence) pair")
+    return pairs
+
+
+def _plan(model: LoadedModel, sequences: Sequence[SequenceInput], options: _Options) -> _Job:
+    """Clean, dedupe, cut into pieces and batch: everything that can fail before the model."""
+    named = _named(sequences)
+    unique: dict[str, int] = {}
+    owners: list[list[int]] = []
+    for index, (name, raw) in enumerate(named):
+        item = unique.setdefault(clean_sequence(raw, name=name), len(unique))
+        if item == len(owners):
+            owners.append([])
+        owners[item].append(index)
+    windows = [_ranges(len(seq), options) for seq in unique]
+    pieces = [_Piece(item, start, end)
+              for item, ranges in enumerate(windows) for start, end in ranges]
+    plan = plan_batches([p.length for p in pieces], toks_per_batch=options.toks_per_batch,
+                        batch_size=options.batch_size)
+    names = [name for name, _ in named]
+    if plan.oversize:
+        _raise_oversize([pieces[i] for i in plan.oversize], owners, names, options)
+    table = _token_table(model)
+    tokens = [_encode(seq, table) for seq in unique]
+    return _Job(names=names, owners=owners, tokens=tokens, windows=windows, pieces=pieces,
+                batches=plan.batches)
+
+
+def _ranges(length: int, options: _Options) -> tuple[tuple[int, int], ...]:
+    """The residue ranges one sequence is embedded from, per the long-sequence policy."""
+    if options.long_seqs == "window":
+        return plan_windows(length, window=min(options.truncation, MAX_RESIDUES))
+    return ((0, min(length, options.truncation)),)
+
+
+def _raise_oversize(
+    pieces: list[_Piece], owners: list[list[int]], names: list[str], options: _Options
+) -> NoReturn:
+    """Name the sequences that alone exceed the token budget, and what to change."""
+    shown = sorted({names[owners[p.item][0]] for p in pieces})
+    need = max(p.length for p in pieces) + SPECIAL_TOKENS
+    more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+    raise InputError(
+        f"sequence(s) {', '.join(shown[:5])}{more} need up to {need} tokens (residues + "
+        f"BOS + EOS) but toks_per_batch is {options.toks_per_batch}: raise toks_per_batch "
+        f"to at least {need} or lower truncation"
+    )
+
+
+def _token_table(model: LoadedModel) -> torch.Tensor:
+    """ASCII code -> token id for every residue letter (other codes never get here)."""
+    table = torch.zeros(128, dtype=torch.uint8)
+    for letter in RESIDUES:
+        table[ord(letter)] = model.alphabet.get_idx(letter)
+    return table
+
+
+def _encode(sequence: str, table: torch.Tensor) -> torch.Tensor:
+    """A cleaned sequence as token ids, vectorised (titin in microseconds)."""
+    codes = torch.frombuffer(bytearray(sequence.encode("ascii")), dtype=torch.uint8)
+    return table[codes.long()]
+
+
+def _run(model: LoadedModel, job: _Job, options: _Options) -> Iterator[Embedded]:
+    """Run the planned batches and yield every input once its sequence is complete."""
+    pools = [_Pool(windows, options) for windows in job.windows]
+    for batch in job.batches:
+        pieces = [job.pieces[i] for i in batch]
+        for piece, states in _forward_split(model, job, pieces, options.layer):
+            pool = pools[piece.item]
+            pool.add(piece, states)
+            if pool.pending == 0:
+                yield from _finish(model, job, piece.item, pool)
+
+
+def _forward_split(
+    model: LoadedModel, job: _Job, pieces: list[_Piece], layer: int
+) -> Iterator[tuple[_Piece, torch.Tensor | None]]:
+    """Each piece with its (T, E) states; on CUDA OOM halve and retry, None when alone."""
+    states = _forward_or_none(model, _batch_tokens(model, job, pieces), layer)
+    if states is not None:
+        for row, piece in enumerate(pieces):
+            yield piece, states[row]
+    elif len(pieces) == 1:
+        yield pieces[0], None
+    else:
+        half = len(pieces) // 2
+        yield from _forward_split(model, job, pieces[:half], layer)
+        yield from _forward_split(model, job, pieces[half:], layer)
+
+
+def _forward_or_none(model: LoadedModel, tokens: torch.Tensor, layer: int) -> torch.Tensor | None:
+    """The batch's (B, T, E) states, or None when CUDA ran out of memory."""
+    try:
+        with torch.inference_mode():
+            return representations(model, tokens.to(model.device), layer=layer)
+    except torch.cuda.OutOfMemoryError:
+        pass  # retried outside the handler, so the traceback's tensors are freed first
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return None
+
+
+def _batch_tokens(model: LoadedModel, job: _Job, pieces: list[_Piece]) -> torch.Tensor:
+    """(B, T) tokens: BOS, the piece's residues, EOS, then padding to the longest piece."""
+    alphabet = model.alphabet
+    width = max(p.length for p in pieces) + SPECIAL_TOKENS
+    tokens = torch.full((len(pieces), width), alphabet.padding_idx, dtype=torch.int64)
+    tokens[:, 0] = alphabet.cls_idx
+    for row, piece in enumerate(pieces):
+        tokens[row, 1 : piece.length + 1] = job.tokens[piece.item][piece.start : piece.end]
+        tokens[row, piece.length + 1] = alphabet.eos_idx
+    return tokens
+
+
+@dataclass(slots=True)
+class _Pool:
+    """One unique sequence's pooled value, summed over its pieces as they finish.
+
+    With several windows, each residue's state is divided by the number of windows covering
+    it, so the sum over windows is the per-residue average; a mean then divides by length.
+    """
+
+    windows: tuple[tuple[int, int], ...]
+    options: _Options
+    length: int = field(init=False)  # residues kept (truncation applied)
+    pending: int = field(init=False)  # pieces not yet folded in
+    total: torch.Tensor | None = None
+    out_of_memory: bool = False
+    coverage: torch.Tensor | None = None  # (L, 1) windows per residue; None for one piece
+
+    def __post_init__(self) -> None:
+        self.length = self.windows[-1][1]
+        self.pending = len(self.windows)
+        if len(self.windows) > 1:
+            counts = window_coverage(self.length, self.windows)
+            self.coverage = torch.tensor(counts, dtype=torch.float32)[:, None]  # (L, 1)
+
+    def add(self, piece: _Piece, states: torch.Tensor | None) -> None:
+        """Fold in one piece's (T, E) states; None means it ran out of memory alone."""
+        self.pending -= 1
+        if states is None:
+            self.out_of_memory = True
+        elif not self.out_of_memory:
+            part = self._part(piece, states)
+            if self.options.pooling == "per_residue" and self.coverage is not None:
+                if self.total is None:
+                    self.total = torch.zeros(self.length, part.shape[-1])
+                self.total[piece.start : piece.end] += part.cpu()
+            else:
+                self.total = part if self.total is None else self.total + part
+
+    def _part(self, piece: _Piece, states: torch.Tensor) -> torch.Tensor:
+        """This piece's share: BOS state, residue states or their (weighted) mean."""
+        residues = states[1 : piece.length + 1].float()  # (n, E): no BOS, EOS or padding
+        pooling = self.options.pooling
+        if pooling == "bos":
+            return states[0].float() / len(self.windows)
+        if self.coverage is None:  # one piece: exactly esm-extract's t[i, 1:n+1]
+            return residues.to("cpu", copy=True) if pooling == "per_residue" else residues.mean(0)
+        weighted = residues / self.coverage[piece.start : piece.end].to(residues.device)
+        return weighted if pooling == "per_residue" else weighted.sum(0) / self.length
+
+    def result(self) -> torch.Tensor:
+        assert self.total is not None
+        return self.total.cpu()
+
+
+def _finish(model: LoadedModel, job: _Job, item: int, pool: _Pool) -> Iterator[Embedded]:
+    """Check the finished row once and yield it (or its error) for every input carrying it."""
+    row = None if pool.out_of_memory else pool.result()
+    problem = _problem(model, row, pool)
+    for index in job.owners[item]:
+        name = job.names[index]
+        error = EmbeddingError(f"sequence {name!r}: {problem}", name=name) if problem else None
+        yield Embedded(index=index, name=name, row=None if problem else row, error=error)
+
+
+def _problem(model: LoadedModel, row: torch.Tensor | None, pool: _Pool) -> str:
+    """Why a row cannot be used, or "" when it is fine."""
+    if row is None:
+        return (f"out of memory on {model.device} even alone ({pool.length} residues); "
+                f"lower truncation, use long_seqs='window' or a larger device")
+    per_residue = pool.options.pooling == "per_residue"
+    expected = (pool.length, model.embed_dim) if per_residue else (model.embed_dim,)
+    if tuple(row.shape) != expected:
+        return f"embedding has shape {tuple(row.shape)}, expected {expected}"
+    if not bool(torch.isfinite(row).all()):
+        return (f"embedding has non-finite values (NaN or Inf) in {model.dtype}; "
+                f"try dtype float32")
+    return ""
+
+
+def _raise_failures(errors: list[EmbeddingError]) -> None:
+    """One EmbeddingError listing every failed sequence, after all others have run."""
+    if not errors:
+        return
+    shown = "; ".join(str(e) for e in errors[:3])
+    more = f"; and {len(errors) - 3} more" if len(errors) > 3 else ""
+    raise EmbeddingError(f"{len(errors)} sequence(s) could not be embedded: {shown}{more}",
+                         name=errors[0].name)

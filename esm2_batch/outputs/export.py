@@ -1,0 +1,339 @@
+"""One vector per gene out of esm_all.pt, for models that key genes by symbol.
+
+esm_all.pt keeps one row per isoform. Single-cell models want one vector per gene:
+SATURN and UCE average every isoform and key the result by gene symbol; other models take
+the canonical isoform. This module holds the one pooling rule every per-gene consumer
+shares (the AnnData writer too) and the three export formats:
+
+    saturn   torch.save({SYMBOL: float32 tensor [E]})  what SATURN's and UCE's loaders read
+    npz      numpy arrays: genes, symbols, protein_ids, n_isoforms, vectors [G, E] float32
+    parquet  one row per gene: gene, symbol, protein_id, n_isoforms, vector (E float32)
+
+Pooling is load_esm_matrix's (nn.py), restated here because nn.py is the torch.nn side of
+the package and this one must not depend on it: "canonical" takes a gene's first row (the
+file puts the canonical isoform first), "mean" averages all of the gene's rows in float32.
+Genes are matched to file keys exactly first, then through the gene-list reader's ID key
+(version suffix and case ignored), as load_esm_matrix does; tests pin the two to the bit.
+
+Symbols for the saturn keys: a query that is a symbol is its own key (it is what the
+user's var_names hold); a query that is an Ensembl ID takes `meta["symbols"][query]`, which
+the pipeline records, or a mapping the caller passes. An ID without a symbol is left out
+and counted, never written under its ID: SATURN and UCE match keys against var_names
+symbols, so an ID key would silently match nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from esm2_batch.errors import InputError, StoreError
+from esm2_batch.sources.gene_lists import is_ensembl_gene_id
+from esm2_batch.store.esm_file import EsmFile, atomic_save, atomic_write, read_esm_file
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "GENE_POOLINGS",
+    "ExportResult",
+    "GeneVectors",
+    "export_genes",
+    "gene_symbols",
+    "gene_vectors",
+]
+
+GENE_POOLINGS = ("canonical", "mean")
+EXPORT_FORMATS = ("saturn", "npz", "parquet")
+GenePooling = Literal["canonical", "mean"]
+ExportFormat = Literal["saturn", "npz", "parquet"]
+KeyCase = Literal["upper", "as_is"]
+_SUFFIX_FORMATS = {".pt": "saturn", ".pth": "saturn", ".npz": "npz", ".parquet": "parquet"}
+_PARQUET_HINT = "pip install 'esm2-batch[parquet]' (pyarrow), or use --format npz"
+
+
+# ------------------------------------------------------------------------- pooling
+
+
+@dataclass(frozen=True)
+class GeneVectors:
+    """One pooled vector per gene, aligned with `genes`.
+
+    `protein_ids[i]` is the ENSP of gene i's first row: its canonical isoform whenever the
+    canonical has a sequence (otherwise the longest), whatever the pooling; None without
+    protein. `in_file[i]` is False for a gene the file does not list at all.
+    """
+
+    genes: tuple[str, ...]
+    matrix: torch.Tensor  # [G, E] float32, zero rows where has_protein is False
+    has_protein: torch.Tensor  # [G] bool
+    protein_ids: tuple[str | None, ...]
+    n_isoforms: tuple[int, ...]
+    in_file: tuple[bool, ...]
+    gene_pooling: str
+
+
+def gene_vectors(esm: EsmFile, genes: Sequence[str] | None = None, *,
+                 gene_pooling: str = "canonical") -> GeneVectors:
+    """Pool each gene's isoform rows into one float32 vector (default: the file's genes).
+
+    Raises InputError for an unknown pooling, StoreError for non-finite values in the
+    rows used (a NaN vector would poison every model that reads it).
+    """
+    check_gene_pooling(gene_pooling)
+    names = list(esm.genes if genes is None else _as_names(genes))
+    found = esm.match_rows(names)
+    rows = [r or [] for r in found]
+    chosen = [r[:1] if gene_pooling == "canonical" else r for r in rows]
+    matrix = _mean_rows(esm.emb, chosen)  # [G, E] float32
+    _check_finite(matrix, names)
+    return GeneVectors(
+        genes=tuple(names), matrix=matrix,
+        has_protein=torch.tensor([bool(r) for r in rows], dtype=torch.bool),
+        protein_ids=tuple(esm.protein_ids[r[0]] if r else None for r in rows),
+        n_isoforms=tuple(len(r) for r in rows),
+        in_file=tuple(f is not None for f in found), gene_pooling=gene_pooling)
+
+
+def check_gene_pooling(gene_pooling: str) -> None:
+    """One-line error for --gene_pooling, shared by the exporters and the h5ad writer."""
+    if gene_pooling not in GENE_POOLINGS:
+        raise InputError(f"gene pooling must be one of {', '.join(GENE_POOLINGS)}; got "
+                         f"{gene_pooling!r}")
+
+
+def _mean_rows(emb: torch.Tensor, chosen: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Average the chosen rows of emb [R, E] per gene -> [G, E] float32; [] gives zeros.
+
+    The same operations as nn._mean_rows (index_add in float32, divide by the count), so a
+    canonical row is the file's float16 value cast exactly and means agree to the bit.
+    """
+    dst = torch.tensor([g for g, rows in enumerate(chosen) for _ in rows], dtype=torch.long)
+    src = torch.tensor([r for rows in chosen for r in rows], dtype=torch.long)
+    out = torch.zeros(len(chosen), emb.shape[1], dtype=torch.float32)  # [G, E]
+    out.index_add_(0, dst, emb[src].float())
+    counts = torch.bincount(dst, minlength=len(chosen)).clamp(min=1)  # [G]
+    return out / counts.unsqueeze(1).to(out.dtype)
+
+
+def _check_finite(matrix: torch.Tensor, genes: Sequence[str]) -> None:
+    bad = (~torch.isfinite(matrix).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        names = ", ".join(genes[i] for i in bad[:5])
+        raise StoreError(f"non-finite ESM values for {len(bad)} genes ({names}); re-embed "
+                         "them (rerun esm2-batch with --overwrite)")
+
+
+def _as_names(genes: Sequence[str]) -> list[str]:
+    if isinstance(genes, str):
+        raise InputError(f"genes must be a list of gene names, not the string {genes!r}")
+    return [str(g) for g in genes]
+
+
+# ------------------------------------------------------------------------- symbols
+
+
+def gene_symbols(esm: EsmFile, genes: Sequence[str] | None = None,
+                 symbols: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """The symbol of each gene: the caller's mapping, else the query itself when it is a
+    symbol, else meta["symbols"][query] (what Ensembl called that ID), else None."""
+    recorded = esm.meta.get("symbols") or {}
+    given = symbols or {}
+    out: dict[str, str | None] = {}
+    for gene in (esm.genes if genes is None else genes):
+        symbol = given.get(gene)
+        if symbol is None and not is_ensembl_gene_id(gene):
+            symbol = gene
+        if symbol is None:
+            symbol = recorded.get(gene) if isinstance(recorded, Mapping) else None
+        out[gene] = str(symbol) if symbol else None
+    return out
+
+
+# ------------------------------------------------------------------------- export
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote and what it left out, with names so the CLI can say why."""
+
+    out: Path
+    fmt: str
+    gene_pooling: str
+    written: int
+    without_protein: tuple[str, ...]  # status no_protein / not_found, or not in the file
+    without_symbol: tuple[str, ...]  # saturn only: an ID query with no known symbol
+    duplicate_keys: tuple[str, ...]  # saturn only: a later gene whose key was taken
+
+    def lines(self) -> list[str]:
+        """A short closing report for the CLI."""
+        lines = [f"wrote {self.written} genes ({self.gene_pooling} pooling) to {self.out} "
+                 f"as {self.fmt}"]
+        for label, names in (("without protein (left out)", self.without_protein),
+                             ("Ensembl IDs without a symbol (left out)", self.without_symbol),
+                             ("symbols already taken (left out)", self.duplicate_keys)):
+            if names:
+                lines.append(f"{label}: {len(names)} ({_some(names)})")
+        if self.without_symbol:
+            lines.append("  the file records no symbol for these IDs (meta['symbols']); pass "
+                         "symbols= (e.g. H5adGenes.symbol_map()) or re-run esm2-batch")
+        return lines
+
+
+def export_genes(
+    esm: EsmFile | str | os.PathLike[str],
+    *,
+    fmt: str | None = None,
+    gene_pooling: str = "canonical",
+    out: str | os.PathLike[str],
+    symbols: Mapping[str, str] | None = None,
+    key_case: KeyCase = "upper",
+    include_missing: bool = False,
+) -> ExportResult:
+    """Write one vector per gene of an esm_all.pt as saturn, npz or parquet.
+
+    `fmt` None infers the format from the suffix of `out` (.pt, .npz, .parquet). Genes
+    without a protein are left out (include_missing=True keeps them as zero rows in npz
+    and parquet; never in saturn, whose readers would take zeros for a protein). For
+    saturn, `key_case="upper"` writes upper-case symbols; SATURN's and UCE's loaders
+    lower-case both their keys and var_names, so the case only matters to other readers.
+    Written to a temporary name and renamed: a crash leaves no half-written file.
+    """
+    data = esm if isinstance(esm, EsmFile) else read_esm_file(esm)
+    out_path = Path(out)
+    fmt = _resolve_format(fmt, out_path)
+    _check_out(out_path)
+    vectors = gene_vectors(data, gene_pooling=gene_pooling)
+    missing = tuple(g for g, p in zip(vectors.genes, vectors.has_protein.tolist(),
+                                      strict=True) if not p)
+    if fmt == "saturn":
+        return _export_saturn(data, vectors, out_path, symbols, key_case, missing)
+    keep = [i for i, p in enumerate(vectors.has_protein.tolist()) if p or include_missing]
+    names = gene_symbols(data, vectors.genes, symbols)
+    table = _table(vectors, names, keep)
+    writer = _write_npz if fmt == "npz" else _write_parquet
+    writer(out_path, table, _export_meta(data, vectors))
+    return ExportResult(out_path, fmt, gene_pooling, len(keep),
+                        () if include_missing else missing, (), ())
+
+
+def _resolve_format(fmt: str | None, out: Path) -> str:
+    if fmt is None:
+        inferred = _SUFFIX_FORMATS.get(out.suffix.lower())
+        if inferred is None:
+            raise InputError(f"{out}: cannot tell the format from the suffix; pass --format "
+                             f"{'|'.join(EXPORT_FORMATS)}")
+        return inferred
+    if fmt not in EXPORT_FORMATS:
+        raise InputError(f"--format must be one of {', '.join(EXPORT_FORMATS)}; got {fmt!r}")
+    return fmt
+
+
+def _check_out(out: Path) -> None:
+    if out.is_dir():
+        raise InputError(f"{out}: is a directory; --out takes a file name")
+    if not out.resolve().parent.is_dir():
+        raise InputError(f"{out.resolve().parent}: the output directory does not exist; "
+                         "create it or choose another --out")
+
+
+def _export_saturn(data: EsmFile, vectors: GeneVectors, out: Path,
+                   symbols: Mapping[str, str] | None, key_case: KeyCase,
+                   missing: tuple[str, ...]) -> ExportResult:
+    """{symbol: tensor}; one key per symbol whatever its case (the readers fold case)."""
+    if key_case not in ("upper", "as_is"):
+        raise InputError(f"key_case must be 'upper' or 'as_is'; got {key_case!r}")
+    names = gene_symbols(data, vectors.genes, symbols)
+    mapping: dict[str, torch.Tensor] = {}
+    taken: set[str] = set()
+    no_symbol: list[str] = []
+    duplicates: list[str] = []
+    for i, (gene, has) in enumerate(zip(vectors.genes, vectors.has_protein.tolist(),
+                                        strict=True)):
+        if not has:
+            continue
+        symbol = names[gene]
+        if symbol is None:
+            no_symbol.append(gene)
+            continue
+        if symbol.casefold() in taken:
+            duplicates.append(gene)
+            continue
+        taken.add(symbol.casefold())
+        mapping[symbol.upper() if key_case == "upper" else symbol] = vectors.matrix[i].clone()
+    atomic_save(mapping, out)
+    return ExportResult(out, "saturn", vectors.gene_pooling, len(mapping), missing,
+                        tuple(no_symbol), tuple(duplicates))
+
+
+@dataclass(frozen=True)
+class _Table:
+    genes: list[str]
+    symbols: list[str | None]
+    protein_ids: list[str | None]
+    n_isoforms: list[int]
+    vectors: np.ndarray  # [G, E] float32
+
+
+def _table(vectors: GeneVectors, symbols: Mapping[str, str | None], keep: list[int]) -> _Table:
+    return _Table(
+        genes=[vectors.genes[i] for i in keep],
+        symbols=[symbols.get(vectors.genes[i]) for i in keep],
+        protein_ids=[vectors.protein_ids[i] for i in keep],
+        n_isoforms=[vectors.n_isoforms[i] for i in keep],
+        vectors=vectors.matrix[keep].numpy().astype(np.float32, copy=False))
+
+
+def _export_meta(data: EsmFile, vectors: GeneVectors) -> dict[str, Any]:
+    """Provenance carried inside npz and parquet files (plain JSON)."""
+    keys = ("model", "layer", "pooling", "truncation", "species", "ensembl_release",
+            "created")
+    meta = {k: data.meta.get(k) for k in keys if k in data.meta}
+    return {**meta, "gene_pooling": vectors.gene_pooling, "dim": int(vectors.matrix.shape[1])}
+
+
+def _write_npz(out: Path, table: _Table, meta: dict[str, Any]) -> None:
+    """Plain unicode and numeric arrays only: np.load works without allow_pickle."""
+    arrays = {
+        "genes": np.array(table.genes, dtype=str),
+        "symbols": np.array([s or "" for s in table.symbols], dtype=str),
+        "protein_ids": np.array([p or "" for p in table.protein_ids], dtype=str),
+        "n_isoforms": np.array(table.n_isoforms, dtype=np.int32),
+        "vectors": table.vectors,
+        "meta": np.array(json.dumps(meta, sort_keys=True)),
+    }
+    atomic_write(out, lambda handle: np.savez(handle, **arrays))
+
+
+def _write_parquet(out: Path, table: _Table, meta: dict[str, Any]) -> None:
+    """vector is a fixed_size_list<float32>[E] column; provenance in the schema metadata."""
+    pa, pq = _import_pyarrow()
+    dim = table.vectors.shape[1]
+    flat = pa.array(table.vectors.reshape(-1), type=pa.float32())
+    arrow = pa.table({
+        "gene": pa.array(table.genes, type=pa.string()),
+        "symbol": pa.array(table.symbols, type=pa.string()),
+        "protein_id": pa.array(table.protein_ids, type=pa.string()),
+        "n_isoforms": pa.array(table.n_isoforms, type=pa.int32()),
+        "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
+    }).replace_schema_metadata({"esm2": json.dumps(meta, sort_keys=True)})
+    atomic_write(out, lambda handle: pq.write_table(arrow, handle))
+
+
+def _import_pyarrow() -> tuple[Any, Any]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise InputError(f"--format parquet needs pyarrow: {_PARQUET_HINT}") from exc
+    return pa, pq
+
+
+def _some(names: Sequence[str], limit: int = 5) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

@@ -1,0 +1,487 @@
+"""Offline Ensembl: the REST client's GeneIsoforms, built from Ensembl's FTP files.
+
+For when rest.ensembl.org is down, slow for a big list, or out of reach (a cluster node).
+One species, one release:
+
+    fasta/<species>/pep/<Species>.<Assembly>.pep.all.fa.gz            required
+        every translation: >ENSP.v pep chromosome:GRCh38:7:...:-1 gene:ENSG.v
+        transcript:ENST.v gene_biotype:X transcript_biotype:Y [gene_symbol:S] description:..
+    tsv/<species>/<Species>.<Assembly>.<release>.canonical.tsv.gz     required
+        no header, tab-separated: ENSG.v  ENST.v  Ensembl Canonical  (one row per gene,
+        coding or not)
+    fasta/<species>/ncrna/<Species>.<Assembly>.ncrna.fa.gz            optional
+        non-coding RNA genes; only the headers are read (gene, gene_symbol, location)
+
+under https://ftp.ensembl.org/pub/release-<N>/. Assemblies: homo_sapiens GRCh38 (release
+76 on); mus_musculus GRCm39 from release 103, GRCm38 before. Other species need the
+assembly named (it is in the directory listing of fasta/<species>/pep/).
+
+Same records as the REST path for the same release (tests compare them on one gene
+table): IDs are matched without version and case, symbols exactly; transcripts count when
+their transcript_biotype is wanted; the canonical transcript is the canonical file's; the
+isoforms are ordered by records.isoform_sort_key and built by the REST path's own
+parse.build_gene. Statuses:
+
+    ok          the gene has a translation of a wanted biotype
+    no_protein  the gene is known (pep with other biotypes only, the canonical file, or
+                ncrna) but has no such translation
+    not_found   nothing names it
+
+What the files cannot tell: pep.all lists translated transcripts only and the canonical
+file has no symbols, so a non-coding gene asked for by symbol is not_found unless the
+ncrna file is there (an ID query is no_protein either way). Pseudogene symbols are not in
+ncrna and stay not_found.
+
+Two things the REST path does not do: a symbol with no exact match is matched ignoring
+case (with a warning: a human list run against mouse names Braf, not BRAF), and a symbol
+carried by several genes (patch scaffolds CHR_* repeat primary-assembly symbols under
+other gene IDs) resolves to the primary-assembly gene, then the one with a protein, then
+the lowest ID: deterministic where the server is not specified.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from esm2_batch.errors import EnsemblUnavailableError, InputError
+from esm2_batch.records import GeneIsoforms
+from esm2_batch.sources.ensembl_rest.client import DEFAULT_BIOTYPES
+from esm2_batch.sources.ensembl_rest.parse import (
+    GeneRecord,
+    Translation,
+    build_gene,
+    no_protein,
+    not_found,
+)
+from esm2_batch.sources.gene_lists import dedupe, is_ensembl_gene_id, query_key, strip_version
+
+__all__ = [
+    "FTP_BASE_URL",
+    "EnsemblFiles",
+    "EnsemblFilesIndex",
+    "default_assembly",
+    "download_commands",
+    "download_ensembl_files",
+    "ensembl_cache_dir",
+    "ensembl_file_urls",
+    "find_ensembl_files",
+    "isoforms_from_files",
+]
+
+log = logging.getLogger("esm2_batch")
+
+FTP_BASE_URL = "https://ftp.ensembl.org/pub"
+# (first release, assembly), newest first: the assembly a release's files are named after.
+_ASSEMBLIES: dict[str, tuple[tuple[int, str], ...]] = {
+    "homo_sapiens": ((76, "GRCh38"),),
+    "mus_musculus": ((103, "GRCm39"), (68, "GRCm38")),
+}
+_MIXED_RELEASES = 0.05  # share of canonical transcripts whose versions differ from pep's
+_SPECIES = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)+$")
+
+
+# ------------------------------------------------------------------------- locating files
+
+
+@dataclass(frozen=True)
+class EnsemblFiles:
+    """The files of one species and release (ncrna optional)."""
+
+    species: str
+    pep: Path
+    canonical: Path
+    ncrna: Path | None = None
+    release: int | None = None
+    assembly: str | None = None
+
+
+def species_prefix(species: str) -> str:
+    """homo_sapiens -> Homo_sapiens, the file-name spelling; refuses other spellings."""
+    name = species.strip().lower()
+    if not _SPECIES.match(name):
+        raise InputError(f"--species {species!r}: use Ensembl's production name, like "
+                         "homo_sapiens or mus_musculus")
+    return name[0].upper() + name[1:]
+
+
+def default_assembly(species: str, release: int) -> str:
+    """The assembly a release names its files after, for the species this module knows."""
+    for first, assembly in _ASSEMBLIES.get(species.strip().lower(), ()):
+        if release >= first:
+            return assembly
+    raise InputError(f"no known assembly for {species} release {release}; pass it (the "
+                     f"name in {FTP_BASE_URL}/release-{release}/fasta/{species}/pep/, e.g. "
+                     "GRCz11 for danio_rerio)")
+
+
+def ensembl_file_urls(species: str, release: int, assembly: str | None = None, *,
+                      ncrna: bool = True, base_url: str = FTP_BASE_URL) -> list[str]:
+    """The exact URLs of the files for one species and release: pep, canonical[, ncrna]."""
+    prefix = species_prefix(species)
+    name = prefix.lower()
+    assembly = assembly or default_assembly(name, release)
+    root = f"{base_url.rstrip('/')}/release-{int(release)}"
+    urls = [f"{root}/fasta/{name}/pep/{prefix}.{assembly}.pep.all.fa.gz",
+            f"{root}/tsv/{name}/{prefix}.{assembly}.{int(release)}.canonical.tsv.gz"]
+    if ncrna:
+        urls.append(f"{root}/fasta/{name}/ncrna/{prefix}.{assembly}.ncrna.fa.gz")
+    return urls
+
+
+def download_commands(species: str, release: int, directory: str | os.PathLike[str],
+                      assembly: str | None = None, *, ncrna: bool = True,
+                      base_url: str = FTP_BASE_URL) -> list[str]:
+    """curl lines that fetch the files into `directory`, for a machine with the network
+    when the one that runs esm2-batch has none (copy the directory across afterwards)."""
+    target = Path(directory)
+    return [f"curl -fL --create-dirs -o {target / url.rsplit('/', 1)[1]} {url}"
+            for url in ensembl_file_urls(species, release, assembly, ncrna=ncrna,
+                                         base_url=base_url)]
+
+
+def ensembl_cache_dir(release: int) -> Path:
+    """Where `--ensembl_release N` looks by default: $ESM2_BATCH_ENSEMBL_DIR/release-N,
+    else ~/.cache/esm2_batch/ensembl/release-N (files of several species can share it)."""
+    root = os.environ.get("ESM2_BATCH_ENSEMBL_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "esm2_batch" / "ensembl"
+    return base / f"release-{int(release)}"
+
+
+def find_ensembl_files(directory: str | os.PathLike[str], species: str,
+                       release: int | None = None, *,
+                       assembly: str | None = None) -> EnsemblFiles:
+    """Find one species' pep, canonical (and ncrna) files in a directory.
+
+    With `release`, the canonical file must be that release's; without, the directory
+    must hold exactly one. Raises InputError naming what is missing and where to get it.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise InputError(f"{root}: no such directory; pass the directory holding the "
+                         "Ensembl files to --ensembl_files")
+    prefix = species_prefix(species)
+    asm = re.escape(assembly) if assembly else r"[^/]+?"
+    rel = str(int(release)) if release is not None else r"\d+"
+    canonical = _one(root, rf"{prefix}\.({asm})\.({rel})\.canonical\.tsv\.gz", "canonical",
+                     species, release)
+    match = re.fullmatch(rf"{prefix}\.(.+)\.(\d+)\.canonical\.tsv\.gz", canonical.name)
+    assert match is not None
+    found_assembly, found_release = match.group(1), int(match.group(2))
+    pep = _one(root, rf"{prefix}\.{re.escape(found_assembly)}\.pep\.all\.fa\.gz", "pep",
+               species, found_release)
+    ncrna = root / f"{prefix}.{found_assembly}.ncrna.fa.gz"
+    return EnsemblFiles(species=prefix.lower(), pep=pep, canonical=canonical,
+                        ncrna=ncrna if ncrna.is_file() else None, release=found_release,
+                        assembly=found_assembly)
+
+
+def _one(root: Path, pattern: str, kind: str, species: str, release: int | None) -> Path:
+    hits = sorted(p for p in root.iterdir() if re.fullmatch(pattern, p.name))
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise InputError(f"{root}: several {kind} files for {species} "
+                         f"({', '.join(p.name for p in hits)}); keep one, or pass the "
+                         "release (--ensembl_release)")
+    where = (f"; download it: esm2-batch download --species {species} --ensembl_release "
+             f"{release}" if release is not None else "")
+    raise InputError(f"{root}: no {kind} file for {species} "
+                     f"({_EXAMPLES[kind].format(prefix=species_prefix(species))}){where}")
+
+
+_EXAMPLES = {"pep": "{prefix}.<assembly>.pep.all.fa.gz",
+             "canonical": "{prefix}.<assembly>.<release>.canonical.tsv.gz"}
+
+
+def download_ensembl_files(species: str, release: int,
+                           directory: str | os.PathLike[str] | None = None, *,
+                           assembly: str | None = None, ncrna: bool = True,
+                           base_url: str = FTP_BASE_URL, timeout: float = 60.0) -> EnsemblFiles:
+    """Fetch the files (skipping those already there) into `directory` (default: the
+    cache directory of the release). Each file is written under a temporary name and
+    renamed, so an interrupted download is fetched again, never half-used.
+
+    Raises EnsemblUnavailableError naming the URL when the server cannot be reached.
+    """
+    target = Path(directory) if directory is not None else ensembl_cache_dir(release)
+    target.mkdir(parents=True, exist_ok=True)
+    for url in ensembl_file_urls(species, release, assembly, ncrna=ncrna, base_url=base_url):
+        path = target / url.rsplit("/", 1)[1]
+        if not path.is_file() or path.stat().st_size == 0:
+            _fetch(url, path, timeout)
+    return find_ensembl_files(target, species, release, assembly=assembly)
+
+
+def _fetch(url: str, path: Path, timeout: float) -> None:
+    log.info("downloading %s", url)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as reply:
+            shutil.copyfileobj(reply, out, length=1 << 20)
+        os.replace(tmp, path)
+    except (urllib.error.URLError, OSError) as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise EnsemblUnavailableError(f"cannot download {url} ({exc}); fetch it by hand into "
+                                      f"{path.parent}") from exc
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------- parsing
+
+
+@dataclass
+class _Gene:
+    """One gene as the files describe it; `rank` orders genes that share a symbol."""
+
+    gene_id: str
+    symbol: str | None
+    rank: int  # 0 chromosome, 1 other primary region (scaffold), 2 CHR_* patch, 3 unknown
+    translations: list[tuple[Translation, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Header:
+    ident: str
+    version: str
+    fields: dict[str, str]
+    rank: int
+
+
+def _parse_header(line: str) -> _Header:
+    """'>ENSP.v pep chromosome:GRCh38:7:1:2:-1 gene:... description:...' -> fields."""
+    head = line[1:].split(" description:", 1)[0]
+    tokens = head.split()
+    ident, _, version = tokens[0].partition(".") if tokens else ("", "", "")
+    fields: dict[str, str] = {}
+    rank = 3
+    for position, token in enumerate(tokens[1:], start=1):
+        key, sep, value = token.partition(":")
+        if not sep:
+            continue
+        if position == 2 and value.count(":") >= 4:  # the location: coord_system:asm:region
+            rank = _location_rank(key, value.split(":")[1])
+        else:
+            fields.setdefault(key, value)
+    return _Header(ident, version, fields, rank)
+
+
+def _location_rank(coord_system: str, region: str) -> int:
+    if region.startswith("CHR_"):
+        return 2
+    return 0 if coord_system in ("chromosome", "primary_assembly") else 1
+
+
+def _fasta(path: Path) -> Iterator[tuple[str, str]]:
+    """(header line, sequence) of a gzipped FASTA, streamed."""
+    header: str | None = None
+    chunks: list[str] = []
+    with _open_text(path) as handle:
+        for line in handle:
+            if line.startswith(">"):
+                if header is not None:
+                    yield header, "".join(chunks)
+                header, chunks = line.rstrip("\n"), []
+            elif header is not None:
+                chunks.append(line.strip())
+    if header is not None:
+        yield header, "".join(chunks)
+
+
+def _fasta_headers(path: Path) -> Iterator[str]:
+    """Header lines only (ncrna sequences are never needed)."""
+    with _open_text(path) as handle:
+        for line in handle:
+            if line.startswith(">"):
+                yield line.rstrip("\n")
+
+
+def _open_text(path: Path) -> TextIO:
+    """gzip or plain text; one-line InputError for a file that is neither readable."""
+    try:
+        if path.suffix == ".gz":
+            return gzip.open(path, "rt", encoding="utf-8")
+        return open(path, encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc}); download it again") from exc
+
+
+def _read_canonical(path: Path) -> dict[str, tuple[str, str]]:
+    """{ENSG: (ENST, ENST version)} from the canonical file (tolerates a header line)."""
+    canonical: dict[str, tuple[str, str]] = {}
+    try:
+        with _open_text(path) as handle:
+            for line in handle:
+                cells = line.rstrip("\n").split("\t")
+                if len(cells) < 2 or not cells[0].upper().startswith("ENS"):
+                    continue
+                if len(cells) > 2 and "canonical" not in cells[2].lower():
+                    continue
+                transcript, _, version = cells[1].strip().partition(".")
+                canonical[strip_version(cells[0].strip()).upper()] = (transcript, version)
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a readable canonical.tsv.gz ({exc}); download it "
+                         "again") from exc
+    return canonical
+
+
+class EnsemblFilesIndex:
+    """The parsed files: genes by ID and by symbol, ready to answer any number of lists.
+
+    Loading human release files (120,000 translations) takes a few seconds and holds the
+    sequences in memory (about 50 MB); build it once per run.
+    """
+
+    def __init__(self, genes: dict[str, _Gene], canonical: dict[str, tuple[str, str]],
+                 files: EnsemblFiles | None = None) -> None:
+        self.files = files
+        self._genes = genes  # by upper-case ENSG, no version
+        self._canonical = canonical
+        self._by_symbol: dict[str, list[_Gene]] = {}
+        self._by_folded: dict[str, list[_Gene]] = {}
+        for gene in genes.values():
+            if gene.symbol:
+                self._by_symbol.setdefault(gene.symbol, []).append(gene)
+                self._by_folded.setdefault(gene.symbol.casefold(), []).append(gene)
+
+    @classmethod
+    def load(cls, files: EnsemblFiles) -> EnsemblFilesIndex:
+        """Parse pep, canonical and (if present) ncrna; refuse files of mixed releases."""
+        canonical = _read_canonical(files.canonical)
+        genes: dict[str, _Gene] = {}
+        versions = _read_pep(files.pep, canonical, genes)
+        _check_same_release(files, canonical, versions)
+        if files.ncrna is not None:
+            _read_ncrna(files.ncrna, genes)
+        return cls(genes, canonical, files)
+
+    def isoforms(self, queries: Iterable[str], *,
+                 biotypes: Iterable[str] = DEFAULT_BIOTYPES) -> list[GeneIsoforms]:
+        """One GeneIsoforms per distinct query, in input order (as fetch_isoforms)."""
+        wanted = set(biotypes)
+        out: list[GeneIsoforms] = []
+        folded: list[tuple[str, str]] = []
+        for query in dedupe(queries).genes:
+            gene, by_case = self._find(query)
+            if by_case and gene is not None and gene.symbol:
+                folded.append((query, gene.symbol))
+            out.append(self._record(query, gene, wanted))
+        if folded:
+            shown = ", ".join(f"{q} -> {s}" for q, s in folded[:5])
+            log.warning("%d symbols matched only ignoring case (%s%s); check --species "
+                        "(human symbols are upper case, mouse ones capitalised)", len(folded),
+                        shown, " ..." if len(folded) > 5 else "")
+        return out
+
+    def _find(self, query: str) -> tuple[_Gene | None, bool]:
+        """The gene a query names, and whether it took a case-insensitive match."""
+        if is_ensembl_gene_id(query):
+            key = query_key(query)
+            gene = self._genes.get(key)
+            if gene is None and key in self._canonical:
+                gene = _Gene(key, None, 3)  # known (canonical file) but never translated
+            return gene, False
+        candidates = self._by_symbol.get(query)
+        if candidates:
+            return _best(candidates), False
+        candidates = self._by_folded.get(query.casefold())
+        return (_best(candidates), True) if candidates else (None, False)
+
+    def _record(self, query: str, gene: _Gene | None, wanted: set[str]) -> GeneIsoforms:
+        if gene is None:
+            return not_found(query)
+        kept = [(t, seq) for t, seq in gene.translations if t.biotype in wanted]
+        record = GeneRecord(gene.gene_id, gene.symbol, tuple(t for t, _ in kept))
+        if not kept:
+            return no_protein(query, record)
+        return build_gene(query, record, {t.protein_id: seq for t, seq in kept})
+
+
+def _best(candidates: list[_Gene]) -> _Gene:
+    """Primary assembly over scaffolds over CHR_* patches; then coding; then lowest ID."""
+    return min(candidates, key=lambda g: (g.rank, not g.translations, g.gene_id))
+
+
+def _read_pep(path: Path, canonical: dict[str, tuple[str, str]],
+              genes: dict[str, _Gene]) -> dict[str, str]:
+    """Fill `genes` from pep.all; return {ENST: version} for the release check."""
+    canonical_tx = {tx for tx, _ in canonical.values()}
+    versions: dict[str, str] = {}
+    try:
+        for header, sequence in _fasta(path):
+            parsed = _parse_header(header)
+            gene_field, tx_field = parsed.fields.get("gene"), parsed.fields.get("transcript")
+            if not gene_field or not tx_field or not parsed.ident:
+                raise InputError(f"{path}: a header without gene: or transcript: "
+                                 f"({header[:80]}); is this Ensembl's pep.all.fa.gz?")
+            transcript, _, tx_version = tx_field.partition(".")
+            versions[transcript] = tx_version
+            gene = _gene_for(genes, strip_version(gene_field), parsed)
+            translation = Translation(protein_id=parsed.ident, transcript_id=transcript,
+                                      is_canonical=transcript in canonical_tx,
+                                      biotype=parsed.fields.get("transcript_biotype", ""),
+                                      length=len(sequence.rstrip("*")))
+            gene.translations.append((translation, sequence.rstrip("*")))
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a readable pep.all.fa.gz ({exc}); download it "
+                         "again") from exc
+    return versions
+
+
+def _gene_for(genes: dict[str, _Gene], gene_id: str, header: _Header) -> _Gene:
+    key = gene_id.upper()
+    gene = genes.get(key)
+    if gene is None:
+        gene = genes[key] = _Gene(gene_id, header.fields.get("gene_symbol"), header.rank)
+    return gene
+
+
+def _read_ncrna(path: Path, genes: dict[str, _Gene]) -> None:
+    """Genes of the ncrna file not already known: recognised, without translations."""
+    try:
+        for header in _fasta_headers(path):
+            parsed = _parse_header(header)
+            gene_field = parsed.fields.get("gene")
+            if gene_field:
+                _gene_for(genes, strip_version(gene_field), parsed)
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a readable ncrna.fa.gz ({exc}); download it again, "
+                         "or remove it (it is optional)") from exc
+
+
+def _check_same_release(files: EnsemblFiles, canonical: dict[str, tuple[str, str]],
+                        versions: dict[str, str]) -> None:
+    """pep.all's name carries no release: catch a pep and a canonical file that differ."""
+    shared = [(tx, v) for tx, v in canonical.values() if tx in versions and v]
+    differ = sum(versions[tx] != v for tx, v in shared)
+    if shared and differ > _MIXED_RELEASES * len(shared):
+        raise InputError(f"{files.pep.name} and {files.canonical.name} look like different "
+                         f"Ensembl releases ({differ} of {len(shared)} canonical transcripts "
+                         "have other versions); download both for the same release")
+
+
+# ------------------------------------------------------------------------- one call
+
+
+def isoforms_from_files(queries: Iterable[str], files: EnsemblFiles | str | os.PathLike[str],
+                        *, species: str = "homo_sapiens", release: int | None = None,
+                        biotypes: Sequence[str] = DEFAULT_BIOTYPES) -> list[GeneIsoforms]:
+    """fetch_isoforms without the network: one GeneIsoforms per distinct query, in order.
+
+    `files` is an EnsemblFiles or a directory (then species and release pick the files).
+    """
+    found = files if isinstance(files, EnsemblFiles) else find_ensembl_files(
+        files, species, release)
+    return EnsemblFilesIndex.load(found).isoforms(queries, biotypes=biotypes)

@@ -1,0 +1,280 @@
+"""EnsemblClient: genes (symbols or IDs, mixed) -> every protein isoform, canonical first.
+
+Request plan (bulk POST endpoints only):
+
+1. POST lookup/id (expand=1) for gene IDs and POST lookup/symbol/{species} (expand=1)
+   for symbols, `lookup_chunk_size` queries per request. Ensembl accepts 1000, but one
+   expanded gene carries every transcript and exon (BRAF alone is 78 kB), so 1000 genes
+   make replies of tens of MB that are slow to build and to retry; 100 keeps a reply at a
+   few MB and lets sequence requests start after the first reply instead of the last.
+2. POST sequence/id (type=protein) with the gene IDs that have wanted translations, at
+   most 50 per request: one request returns every translation of those genes. Ids the
+   server drops are asked for once more by protein ID; what is still missing is recorded
+   on the record (missing_protein_ids), never silently lost.
+
+For 2000 genes that is 20 lookups + at most 40 sequence requests. lookup/symbol matches
+the display label exactly, so symbols it misses are asked once more in the human (CD3E)
+and mouse (Cd3e) spellings, with a warning when that is what matched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
+
+import aiohttp
+
+from esm2_batch.errors import EnsemblError, EnsemblResponseError
+from esm2_batch.records import GeneIsoforms
+from esm2_batch.sources.ensembl_rest.parse import (
+    GeneRecord,
+    build_gene,
+    index_sequences,
+    no_protein,
+    not_found,
+    parse_gene,
+)
+from esm2_batch.sources.ensembl_rest.transport import JsonTransport, RetryPolicy
+from esm2_batch.sources.gene_lists import dedupe, is_ensembl_gene_id, query_key
+
+log = logging.getLogger("esm2_batch.sources.ensembl_rest")
+
+DEFAULT_BASE_URL = "https://rest.ensembl.org"
+DEFAULT_BIOTYPES: tuple[str, ...] = ("protein_coding",)
+MAX_LOOKUP_IDS = 1000
+MAX_SEQUENCE_IDS = 50
+
+
+def resolve_base_url(base_url: str | None) -> str:
+    """The argument, else $ENSEMBL_REST_URL, else the public server."""
+    return (base_url or os.environ.get("ENSEMBL_REST_URL") or DEFAULT_BASE_URL).rstrip("/")
+
+
+class EnsemblClient:
+    """Async Ensembl REST client: one aiohttp session, one rate limiter, one pause gate.
+
+    Use as ``async with EnsemblClient(...) as client:``; then ``await
+    client.fetch_isoforms(queries)`` (input order) or ``async for gene in
+    client.iter_isoforms(queries)`` (as each gene's sequences arrive).
+    """
+
+    def __init__(
+        self,
+        *,
+        species: str = "homo_sapiens",
+        base_url: str | None = None,
+        rate_limit: float = 10.0,
+        parallel_workers: int = 10,
+        biotypes: Iterable[str] = DEFAULT_BIOTYPES,
+        timeout: float = 60.0,
+        max_attempts: int = 6,
+        backoff_base: float = 0.5,
+        lookup_chunk_size: int = 100,
+        sequence_chunk_size: int = MAX_SEQUENCE_IDS,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        if not 1 <= lookup_chunk_size <= MAX_LOOKUP_IDS:
+            raise ValueError(f"lookup_chunk_size must be 1..{MAX_LOOKUP_IDS}")
+        if not 1 <= sequence_chunk_size <= MAX_SEQUENCE_IDS:
+            raise ValueError(f"sequence_chunk_size must be 1..{MAX_SEQUENCE_IDS}")
+        self.species = species
+        self.base_url = resolve_base_url(base_url)
+        self.biotypes = tuple(biotypes)
+        self.lookup_chunk_size = lookup_chunk_size
+        self.sequence_chunk_size = sequence_chunk_size
+        retry = RetryPolicy(max_attempts=max_attempts, backoff_base=backoff_base)
+        self.transport = JsonTransport(self.base_url, rate_limit=rate_limit,
+                                       parallel_workers=parallel_workers, timeout=timeout,
+                                       retry=retry, session=session)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Request counters: requests, per-endpoint requests, n429, retries, slowdowns."""
+        return dict(self.transport.stats)
+
+    async def __aenter__(self) -> EnsemblClient:
+        await self.transport.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.transport.__aexit__(*exc_info)
+
+    async def release(self) -> int | None:
+        """The server's Ensembl release (GET /info/data), or None when it will not say:
+        provenance for the output's meta, never a reason to fail a run."""
+        try:
+            reply = await self.transport.get("/info/data")
+        except EnsemblError as exc:
+            log.info("Ensembl release unknown (%s)", exc)
+            return None
+        releases = reply.get("releases") if isinstance(reply, dict) else None
+        numbers = [r for r in releases or () if isinstance(r, int)]
+        return max(numbers) if numbers else None
+
+    async def fetch_isoforms(self, queries: Iterable[str]) -> list[GeneIsoforms]:
+        """One GeneIsoforms per distinct query, in input order."""
+        distinct = dedupe(queries).genes
+        found = {g.query: g async for g in self.iter_isoforms(distinct)}
+        return [found[q] for q in distinct]
+
+    async def iter_isoforms(self, queries: Iterable[str]) -> AsyncIterator[GeneIsoforms]:
+        """Yield each distinct query's GeneIsoforms as soon as it is complete.
+
+        Completion order, not input order. An error in any request cancels the rest and
+        is raised from the iterator; leaving the loop early cancels the requests too.
+        """
+        distinct = dedupe(queries).genes
+        results: asyncio.Queue[GeneIsoforms | BaseException | None] = asyncio.Queue()
+        runner = asyncio.create_task(self._run(distinct, results))
+        try:
+            while (item := await results.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+    async def _run(self, queries: Sequence[str],
+                   results: asyncio.Queue[GeneIsoforms | BaseException | None]) -> None:
+        ids = [q for q in queries if is_ensembl_gene_id(q)]
+        symbols = [q for q in queries if not is_ensembl_gene_id(q)]
+        try:
+            async with asyncio.TaskGroup() as group:
+                for kind, batch in (("id", ids), ("symbol", symbols)):
+                    for chunk in _chunks(batch, self.lookup_chunk_size):
+                        group.create_task(self._resolve_chunk(kind, chunk, results.put_nowait))
+        except BaseExceptionGroup as group_error:
+            results.put_nowait(_first_error(group_error))
+            return
+        results.put_nowait(None)
+
+    async def _resolve_chunk(self, kind: str, queries: list[str], emit: Any) -> None:
+        """Lookup one chunk, emit what needs no sequence, then fetch the rest's sequences."""
+        genes = await self._lookup(kind, queries)
+        pending: list[tuple[str, GeneRecord]] = []
+        for query in queries:
+            gene = genes.get(query)
+            if gene is None:
+                emit(not_found(query))
+            elif not gene.translations:
+                emit(no_protein(query, gene))
+            else:
+                pending.append((query, gene))
+        async with asyncio.TaskGroup() as group:
+            for chunk in _chunks(pending, self.sequence_chunk_size):
+                group.create_task(self._sequences(chunk, emit))
+
+    async def _lookup(self, kind: str, queries: list[str]) -> dict[str, GeneRecord]:
+        if kind == "id":
+            keys = {query_key(q): q for q in queries}
+            return await self._lookup_keys("/lookup/id", "ids", keys, queries)
+        path = f"/lookup/symbol/{self.species}"
+        found = await self._lookup_keys(path, "symbols", {q: q for q in queries}, queries)
+        retry = {variant: q for q in queries if q not in found
+                 for variant in _case_variants(q)}
+        if retry:  # lookup/symbol is case-sensitive: Cd3e, CD3E and cd3e are not one key
+            again = await self._lookup_keys(path, "symbols", retry, queries)
+            for query, gene in again.items():
+                log.warning("%s: matched Ensembl symbol %s only ignoring case", query,
+                            gene.symbol)
+                found[query] = gene
+        return found
+
+    async def _lookup_keys(self, path: str, field: str, keys: dict[str, str],
+                           queries: list[str]) -> dict[str, GeneRecord]:
+        """POST `keys` (sent key -> query) and parse the genes the reply holds."""
+        reply = await self.transport.post(path, {field: list(keys), "expand": 1},
+                                          queries=queries)
+        if not isinstance(reply, dict):
+            raise EnsemblResponseError(f"{path}: expected a JSON object", queries=queries)
+        folded = {str(k).upper(): v for k, v in reply.items()}
+        out: dict[str, GeneRecord] = {}
+        for key, query in keys.items():
+            record = reply[key] if key in reply else folded.get(key.upper())
+            gene = parse_gene(record, biotypes=self.biotypes)
+            if gene is not None and query not in out:
+                out[query] = gene
+        return out
+
+    async def _sequences(self, chunk: list[tuple[str, GeneRecord]], emit: Any) -> None:
+        """Fetch every wanted translation of a chunk of genes, joined on (query, id)."""
+        queries = [q for q, _ in chunk]
+        gene_ids = list(dict.fromkeys(g.gene_id for _, g in chunk))
+        body = {"ids": gene_ids, "type": "protein", "multiple_sequences": 1}
+        index = index_sequences(await self.transport.post("/sequence/id", body,
+                                                          queries=queries))
+        found = {pid: seq for (gid, pid), seq in index.items()}
+        missing = [t.protein_id for _, g in chunk for t in g.translations
+                   if (g.gene_id.upper(), t.protein_id) not in index]
+        if missing:
+            found.update(await self._sequences_by_protein(missing, queries))
+        for query, gene in chunk:
+            emit(build_gene(query, gene, found))
+
+    async def _sequences_by_protein(self, protein_ids: list[str],
+                                    queries: list[str]) -> dict[str, str]:
+        """Second chance for translations the gene-level request left out."""
+        found: dict[str, str] = {}
+        for chunk in _chunks(list(dict.fromkeys(protein_ids)), self.sequence_chunk_size):
+            body = {"ids": chunk, "type": "protein"}
+            reply = await self.transport.post("/sequence/id", body, queries=queries)
+            found.update({pid: seq for (q, pid), seq in index_sequences(reply).items()
+                          if q == pid.upper() or q == pid})
+        return found
+
+
+def _case_variants(symbol: str) -> list[str]:
+    """Human (CD3E) and mouse/rat (Cd3e) spellings of a symbol, other than itself."""
+    return [v for v in dict.fromkeys((symbol.upper(), symbol.capitalize())) if v != symbol]
+
+
+def _first_error(error: BaseException) -> BaseException:
+    """The first real exception inside (nested) task-group exception groups."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+def fetch_isoforms(
+    queries: Iterable[str],
+    *,
+    species: str = "homo_sapiens",
+    base_url: str | None = None,
+    rate_limit: float = 10.0,
+    parallel_workers: int = 10,
+    biotypes: Iterable[str] = DEFAULT_BIOTYPES,
+) -> list[GeneIsoforms]:
+    """Synchronous convenience: one GeneIsoforms per distinct query, in input order.
+
+    Runs its own event loop; from inside a running loop (Jupyter) it uses a worker
+    thread, since asyncio.run refuses to nest.
+    """
+    queries = list(queries)
+
+    async def main() -> list[GeneIsoforms]:
+        async with EnsemblClient(species=species, base_url=base_url, rate_limit=rate_limit,
+                                 parallel_workers=parallel_workers,
+                                 biotypes=biotypes) as client:
+            return await client.fetch_isoforms(queries)
+
+    return run_sync(main)
+
+
+def run_sync(main: Any) -> Any:
+    """asyncio.run(main()), also when called from a thread that already runs a loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(main())
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, main()).result()

@@ -1,0 +1,114 @@
+"""Pure parsing of Ensembl REST replies into the project's records.
+
+Kept apart from I/O so every rule (which transcripts count, canonical order, how a
+sequence reply is joined) is testable on the real fixtures without a server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from esm2_batch.errors import EnsemblResponseError
+from esm2_batch.records import GeneIsoforms, Isoform, isoform_sort_key
+from esm2_batch.sources.gene_lists import strip_version
+
+
+@dataclass(frozen=True, slots=True)
+class Translation:
+    """A translated transcript announced by lookup (its sequence comes later)."""
+
+    protein_id: str
+    transcript_id: str
+    is_canonical: bool
+    biotype: str
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class GeneRecord:
+    """A gene as lookup/id or lookup/symbol with expand=1 describes it."""
+
+    gene_id: str
+    symbol: str | None
+    translations: tuple[Translation, ...]
+
+
+def parse_gene(record: Any, *, biotypes: Iterable[str]) -> GeneRecord | None:
+    """A lookup reply's value -> GeneRecord, or None when it is null or not a gene.
+
+    Only transcripts whose biotype is wanted and that carry a Translation count: NMD
+    transcripts also have one, and "all isoforms" means protein_coding unless asked.
+    """
+    if not isinstance(record, Mapping) or record.get("object_type", "Gene") != "Gene":
+        return None
+    if not isinstance(record.get("id"), str):
+        return None
+    wanted = set(biotypes)
+    translations = tuple(
+        t for t in (_translation(tx) for tx in record.get("Transcript") or ())
+        if t is not None and t.biotype in wanted
+    )
+    return GeneRecord(strip_version(record["id"]), record.get("display_name"), translations)
+
+
+def _translation(transcript: Any) -> Translation | None:
+    if not isinstance(transcript, Mapping):
+        return None
+    tl = transcript.get("Translation")
+    if not isinstance(tl, Mapping) or not isinstance(tl.get("id"), str):
+        return None
+    return Translation(
+        protein_id=strip_version(tl["id"]),
+        transcript_id=strip_version(str(transcript.get("id", ""))),
+        is_canonical=bool(transcript.get("is_canonical")),
+        biotype=str(transcript.get("biotype", "")),
+        length=int(tl.get("length") or 0),
+    )
+
+
+def index_sequences(reply: Any, *, path: str = "/sequence/id") -> dict[tuple[str, str], str]:
+    """sequence/id reply -> {(query, protein_id): seq}.
+
+    Ensembl drops failed ids silently and a gene query returns several items, so the
+    join must use both the query and the item's own id, never list positions.
+    """
+    if not isinstance(reply, list):
+        raise EnsemblResponseError(f"{path}: expected a JSON list, got {type(reply).__name__}")
+    index: dict[tuple[str, str], str] = {}
+    for item in reply:
+        if not isinstance(item, Mapping) or not isinstance(item.get("seq"), str):
+            raise EnsemblResponseError(f"{path}: an item without 'seq': {str(item)[:80]}")
+        query = strip_version(str(item.get("query", "")))
+        protein_id = strip_version(str(item.get("id", "")))
+        index[(query.upper(), protein_id)] = item["seq"].strip().rstrip("*")
+    return index
+
+
+def build_gene(query: str, gene: GeneRecord, sequences: Mapping[str, str]) -> GeneIsoforms:
+    """Join a gene's translations with their sequences, canonical first.
+
+    Translations whose sequence never arrived are recorded in missing_protein_ids.
+    """
+    isoforms = []
+    missing = []
+    for t in gene.translations:
+        seq = sequences.get(t.protein_id)
+        if not seq:
+            missing.append(t.protein_id)
+            continue
+        isoforms.append(Isoform(t.protein_id, t.transcript_id, gene.gene_id, seq,
+                                t.is_canonical, t.biotype))
+    isoforms.sort(key=isoform_sort_key)
+    status = "ok" if isoforms else "no_protein"
+    return GeneIsoforms(query, gene.gene_id, gene.symbol, tuple(isoforms), status,
+                        tuple(sorted(missing)))
+
+
+def not_found(query: str) -> GeneIsoforms:
+    return GeneIsoforms(query, None, None, (), "not_found")
+
+
+def no_protein(query: str, gene: GeneRecord) -> GeneIsoforms:
+    return GeneIsoforms(query, gene.gene_id, gene.symbol, (), "no_protein")

@@ -1,0 +1,114 @@
+"""Read gene lists and tell Ensembl gene IDs from symbols.
+
+A gene list is what a single-cell study hands over: a text file with one gene per line
+(blank lines, '#' comments, a UTF-8 BOM and CRLF line ends tolerated) or a CSV/TSV table
+with a gene column. Queries keep the user's spelling, because that spelling is the key of
+the output file; only deduplication looks through version suffixes.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from esm2_batch.errors import InputError
+
+# ENSG00000157764, ENSMUSG00000000001, optionally with a .version suffix.
+_GENE_ID = re.compile(r"^ENS[A-Z]{0,6}G\d{11}(?:\.\d+)?$", re.IGNORECASE)
+_GENE_COLUMNS = ("gene_id", "gene_ids", "ensembl_id", "gene", "gene_symbol", "symbol",
+                 "gene_name", "feature")
+
+
+@dataclass(frozen=True, slots=True)
+class GeneList:
+    """The distinct queries in input order, and those dropped as repeats."""
+
+    genes: tuple[str, ...]
+    duplicates: tuple[str, ...]
+
+
+def is_ensembl_gene_id(query: str) -> bool:
+    """True for an Ensembl gene stable ID (any species prefix), versioned or not."""
+    return bool(_GENE_ID.match(query))
+
+
+def strip_version(stable_id: str) -> str:
+    """ENSG00000157764.13 -> ENSG00000157764 (a versioned ID only resolves if current)."""
+    head, _, tail = stable_id.partition(".")
+    return head if tail.isdigit() else stable_id
+
+
+def query_key(query: str) -> str:
+    """The identity used for deduplication: IDs without version, upper case."""
+    return strip_version(query).upper() if is_ensembl_gene_id(query) else query
+
+
+def dedupe(queries: Iterable[str]) -> GeneList:
+    """Keep the first spelling of each gene, in order; report the repeats."""
+    seen: set[str] = set()
+    genes: list[str] = []
+    duplicates: list[str] = []
+    for raw in queries:
+        query = raw.strip()
+        if not query:
+            continue
+        key = query_key(query)
+        if key in seen:
+            duplicates.append(query)
+        else:
+            seen.add(key)
+            genes.append(query)
+    return GeneList(tuple(genes), tuple(duplicates))
+
+
+def read_gene_list(path: str | Path, *, column: str | None = None) -> GeneList:
+    """Read a .txt (one per line) or .csv/.tsv (a gene column) list of genes.
+
+    Raises InputError, naming the file, when it is missing, unreadable or holds no gene.
+    """
+    path = Path(path)
+    text = _read_text(path)
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        queries = _table_column(text, "," if suffix == ".csv" else "\t", column, path)
+    else:
+        queries = _text_lines(text)
+    genes = dedupe(queries)
+    if not genes.genes:
+        raise InputError(f"{path}: the gene list is empty; put one gene symbol or "
+                         "Ensembl gene ID per line")
+    return genes
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise InputError(f"{path}: no such gene list file; pass an existing file to "
+                         "--hvg_file")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the gene list ({exc}); save it as UTF-8 "
+                         "text") from exc
+
+
+def _text_lines(text: str) -> list[str]:
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def _table_column(text: str, delimiter: str, column: str | None, path: Path) -> list[str]:
+    rows = [row for row in csv.reader(text.splitlines(), delimiter=delimiter) if row]
+    if not rows:
+        return []
+    header = [cell.strip() for cell in rows[0]]
+    lowered = [cell.lower() for cell in header]
+    if column is not None:
+        if column not in header:
+            raise InputError(f"{path}: no column {column!r}; columns are {header}")
+        index = header.index(column)
+    else:
+        index = next((lowered.index(c) for c in _GENE_COLUMNS if c in lowered), 0)
+    return [row[index].strip() for row in rows[1:] if len(row) > index]

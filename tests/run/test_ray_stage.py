@@ -1,0 +1,112 @@
+"""The embedding stage on a local Ray cluster: same file as one process, resume, guards.
+
+Few and marked `ray`: one session-scoped cluster costs seconds to start."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from esm2_batch.errors import ModelError
+from esm2_batch.models import LoadedModel
+from esm2_batch.run.gene_mode import RunConfig, run
+from esm2_batch.store.esm_file import PartialStore, read_esm_file
+from tests.fakes.ensembl import FakeEnsembl, braf, synthetic_genes
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+GENES = [braf(), *synthetic_genes(45, coding=3, nmd=0)]  # 140 rows: 3 Ray tasks
+QUERIES = ["BRAF", "NOPE", *[g.symbol for g in GENES[1:]]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster() -> Iterator[None]:
+    import os
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20,
+                 log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def config(tmp_path: Path, checkpoint: Path) -> Iterator[RunConfig]:
+    hvg = tmp_path / "hvg.txt"
+    hvg.write_text("\n".join(QUERIES) + "\n")
+    with FakeEnsembl(GENES).running_in_thread() as url:
+        yield RunConfig(hvg_file=hvg, out=tmp_path / "ray.pt", model=str(checkpoint),
+                        ensembl_url=url, rate_limit=1000.0, progress=False, ray="local",
+                        ray_actors=2, toks_per_batch=2048)
+
+
+def test_ray_writes_the_same_file_as_one_process(config: RunConfig,
+                                                 model: LoadedModel) -> None:
+    summary = run(config, model=model)
+    single = replace(config, ray=None, out=config.out.with_name("single.pt"))
+    run(single, model=model)
+    a, b = read_esm_file(config.out), read_esm_file(single.out)
+    assert a.genes == b.genes and a.protein_ids == b.protein_ids
+    assert a.gene_to_isoform_indices == b.gene_to_isoform_indices
+    assert (a.emb.float() - b.emb.float()).abs().max() <= 1e-3
+    assert summary.embedded_now == len(a.protein_ids) and summary.failed == []
+
+
+def test_ray_resumes_after_the_driver_dies(config: RunConfig, model: LoadedModel,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    original = PartialStore.add_rows
+    calls = {"n": 0}
+
+    def dying(self: PartialStore, keys: list[str], emb: torch.Tensor) -> None:
+        if calls["n"] == 1:
+            raise KeyboardInterrupt("driver killed")
+        calls["n"] += 1
+        original(self, keys, emb)
+
+    monkeypatch.setattr(PartialStore, "add_rows", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(replace(config, ray_actors=1), model=model)
+    monkeypatch.setattr(PartialStore, "add_rows", original)
+    resumed = run(config, model=model)
+    total = read_esm_file(config.out)
+    assert 0 < resumed.embedded_now < len(total.protein_ids)  # only what was missing
+    reference = replace(config, ray=None, out=config.out.with_name("single.pt"))
+    run(reference, model=model)
+    single = read_esm_file(reference.out)
+    assert total.protein_ids == single.protein_ids
+    assert (total.emb.float() - single.emb.float()).abs().max() <= 1e-3
+
+
+def test_asking_for_gpus_on_a_cluster_without_any_fails_fast(config: RunConfig,
+                                                            model: LoadedModel) -> None:
+    with pytest.raises(ModelError, match="no GPU"):
+        run(replace(config, device="cuda"), model=model)
+
+
+def test_fasta_mode_on_ray_equals_one_process(tmp_path: Path, checkpoint: Path,
+                                              model: LoadedModel) -> None:
+    from esm2_batch.run.gene_mode import run_fasta
+    from esm2_batch.run.ray_stage import RayOptions
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    fasta = tmp_path / "p.fa"
+    fasta.write_text(">x\nMKTAYIAKQR\n>bad\nMKJ\n>y\nMKVLAAGIVG\n>x2\nMKTAYIAKQR\n")
+    run_fasta([fasta], model=model, out_dir=tmp_path / "a", progress=False)
+    run_fasta([fasta], model=model, out_dir=tmp_path / "b", progress=False,
+              ray=RayOptions(address="local", actors=1, device="cpu"),
+              model_source=str(checkpoint))
+    one = torch.load(tmp_path / "a" / "p_ESM.pt", weights_only=True)
+    two = torch.load(tmp_path / "b" / "p_ESM.pt", weights_only=True)
+    assert one["proteins"] == two["proteins"] == ["x", "y", "x2"]
+    assert all(torch.allclose(a, b, atol=1e-3) for a, b in zip(one["data"], two["data"],
+                                                                strict=True))
+    assert "| bad |" in (tmp_path / "b" / "extraction_failures.log").read_text()

@@ -1,0 +1,42 @@
+"""Numeric tolerances derived from the dtype and the size of the reductions, never bare.
+
+Two computations of the same function that differ only in summation order (a padded
+batch against one sequence alone, SDPA against bmm + softmax, AVX2 against AVX512
+kernels) round differently. Summing n terms of magnitude m in a dtype with machine
+epsilon eps moves the result by about eps * sqrt(n) * m when rounding errors behave as a
+random walk (eps * n * m in the worst case); through `depth` sequential reductions (the
+layers of a network) the differences add up. `tolerance` returns that estimate times a
+safety factor, so a test states what it reduces over instead of a constant that passes
+on one CPU and fails on another.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SAFETY = 8.0
+"""Margin over the random-walk estimate: rounding is not perfectly random (LayerNorm and
+softmax renormalise, fused kernels reassociate differently), so allow several sigma."""
+
+
+def eps(dtype: torch.dtype) -> float:
+    """Machine epsilon of a floating dtype (float32: 1.19e-7, float16: 9.8e-4)."""
+    return float(torch.finfo(dtype).eps)
+
+
+def tolerance(dtype: torch.dtype = torch.float32, *, terms: int, depth: int = 1,
+              magnitude: float = 1.0) -> float:
+    """Largest |a - b| expected between two evaluations of the same value in `dtype`.
+
+    terms: the widest reduction feeding each element (a matmul's inner size, the
+    positions a mean or softmax runs over); depth: sequential reductions (layers);
+    magnitude: the typical size of the values summed.
+    """
+    return SAFETY * eps(dtype) * math.sqrt(terms) * depth * magnitude
+
+
+def storage_tolerance(dtype: torch.dtype, *, magnitude: float = 1.0) -> float:
+    """Largest change from rounding a value once into `dtype` (half an ulp, relative)."""
+    return eps(dtype) / 2 * magnitude
