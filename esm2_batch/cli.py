@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, TypeVar
 
 import typer
 
@@ -37,7 +38,9 @@ MODEL_SIZES = ("8M", "35M", "150M", "650M", "3B", "15B")
 def _opt(*names: str, help: str, **kw: object) -> typer.models.OptionInfo:
     """An option with its dash spelling added: --hvg_file also answers to --hvg-file."""
     dashed = [n.replace("_", "-") for n in names if n.startswith("--") and "_" in n]
-    return typer.Option(*names, *dashed, help=help, **kw)  # type: ignore[arg-type]
+    option: typer.models.OptionInfo = typer.Option(
+        *names, *dashed, help=help, **kw)  # type: ignore[arg-type]  # typer types **kw loosely
+    return option
 
 
 Verbose = Annotated[int, typer.Option("-v", "--verbose", count=True, help="More log output.")]
@@ -123,20 +126,37 @@ def main(
     if ctx.invoked_subcommand is not None:
         return
     _logging(verbose, quiet)
-    from esm2_batch.run.gene_mode import RunConfig
 
-    config = RunConfig(
-        hvg_file=hvg_file, out=out, model=str(model_path) if model_path else model_size,
-        device=device, engine=_engine(engine), backend=backend, batch_size=batch_size,
-        toks_per_batch=toks_per_batch, parallel_workers=parallel_workers,
-        rate_limit=rate_limit, species=species,
-        ensembl_url=ensembl_url, biotypes=_biotypes(biotypes), truncation=truncation,
-        long_seqs=_long_seqs(long_seqs), isoforms=isoforms, save_isoforms=save_isoforms,
-        overwrite=overwrite, progress=not quiet, ray=ray, ray_actors=ray_actors,
-        id_column=id_column, write_h5ad=write_h5ad,
-        gene_pooling=_gene_pooling(gene_pooling), ensembl_files=ensembl_files,
-        ensembl_release=ensembl_release)
-    _guarded(lambda: _run(config, quiet))
+    def work() -> None:
+        from esm2_batch.embedding.options import EmbedOptions
+        from esm2_batch.run.config import ModelOptions, OutputOptions, RunConfig
+        from esm2_batch.run.gene_mode import run
+        from esm2_batch.run.stages import StageOptions
+        from esm2_batch.sources.base import SourceOptions
+
+        config = RunConfig(
+            hvg_file=hvg_file, id_column=id_column,
+            source=SourceOptions(
+                species=species, biotypes=_biotypes(biotypes), ensembl_url=ensembl_url,
+                rate_limit=rate_limit, parallel_workers=parallel_workers, isoforms=isoforms,
+                ensembl_files=ensembl_files, ensembl_release=ensembl_release),
+            model=ModelOptions(model=_model_name(model_path, model_size), device=device,
+                               engine=_engine(engine), backend=backend),
+            embed=EmbedOptions(toks_per_batch=toks_per_batch, batch_size=batch_size,
+                               truncation=truncation, long_seqs=_long_seqs(long_seqs)),
+            stage=StageOptions(ray=ray, ray_actors=ray_actors, progress=not quiet),
+            output=OutputOptions(out=out, overwrite=overwrite, save_isoforms=save_isoforms,
+                                 write_h5ad=write_h5ad,
+                                 gene_pooling=_gene_pooling(gene_pooling)))
+        summary = run(config)
+        for line in summary.lines():
+            _say(line, quiet)
+        if summary.not_found:
+            more = " ..." if len(summary.not_found) > 10 else ""
+            _say(f"not found: {', '.join(summary.not_found[:10])}{more} (full list in "
+                 f"{summary.not_found_path})", quiet)
+
+    _guarded(work)
 
 
 @app.command("fasta")
@@ -163,20 +183,20 @@ def fasta(
     _logging(verbose, quiet)
 
     def work() -> None:
-        from esm2_batch.models import load_model
-        from esm2_batch.run.gene_mode import run_fasta
-        from esm2_batch.run.ray_stage import RayOptions
+        from esm2_batch.embedding.options import EmbedOptions
+        from esm2_batch.run.config import ModelOptions
+        from esm2_batch.run.fasta_mode import run_fasta
+        from esm2_batch.run.stages import StageOptions
 
-        source = str(model_path) if model_path else model_size
-        model = load_model(source, device=device, engine=_engine(engine),  # type: ignore[arg-type]
-                           backend=backend)
-        cluster = (RayOptions(address=ray, actors=ray_actors, device=device, engine=engine,
-                              backend=model.backend) if ray else None)
-        results = run_fasta(inputs, model=model, out_dir=out_dir,
-                            toks_per_batch=toks_per_batch, batch_size=batch_size,
-                            truncation=truncation, long_seqs=_long_seqs(long_seqs),
-                            overwrite=overwrite, progress=not quiet, ray=cluster,
-                            model_source=source)
+        source = _model_name(model_path, model_size)
+        model = ModelOptions(model=source, device=device, engine=_engine(engine),
+                             backend=backend).load()
+        results = run_fasta(
+            inputs, model=model, out_dir=out_dir, overwrite=overwrite, model_source=source,
+            device=device,
+            embed=EmbedOptions(toks_per_batch=toks_per_batch, batch_size=batch_size,
+                               truncation=truncation, long_seqs=_long_seqs(long_seqs)),
+            stage=StageOptions(ray=ray, ray_actors=ray_actors, progress=not quiet))
         for r in results:
             state = "skipped (exists)" if r.skipped else f"{r.proteins} proteins"
             failed = f", {r.failed} failed (see extraction_failures.log)" if r.failed else ""
@@ -243,36 +263,37 @@ def download(
     _guarded(work)
 
 
-def _engine(value: str) -> str:
-    if value not in ("fast", "reference"):
-        raise typer.BadParameter(f"{value!r} is not one of fast, reference",
-                                 param_hint="--engine")
-    return value
+Choice = TypeVar("Choice", bound=str)
 
 
-def _gene_pooling(value: str) -> str:
-    if value not in ("canonical", "mean"):
-        raise typer.BadParameter(f"{value!r} is not one of canonical, mean",
-                                 param_hint="--gene_pooling")
-    return value
+def _choice(value: str, choices: tuple[Choice, ...], flag: str) -> Choice:
+    """`value` as one of `choices` (typed as their Literal), else typer's usage error."""
+    for choice in choices:
+        if value == choice:
+            return choice
+    raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=flag)
 
 
-def _run(config: object, quiet: bool) -> None:
-    from esm2_batch.run.gene_mode import run
-
-    summary = run(config)  # type: ignore[arg-type]
-    for line in summary.lines():
-        _say(line, quiet)
-    if summary.not_found:
-        _say(f"not found: {', '.join(summary.not_found[:10])}"
-             f"{' ...' if len(summary.not_found) > 10 else ''} (full list in "
-             f"{config.out.with_name(config.out.stem + '.not_found.txt')})", quiet)  # type: ignore[attr-defined]
+def _engine(value: str) -> Literal["fast", "reference"]:
+    return _choice(value, ("fast", "reference"), "--engine")
 
 
-def _guarded(work: object) -> None:
+def _gene_pooling(value: str) -> Literal["canonical", "mean"]:
+    return _choice(value, ("canonical", "mean"), "--gene_pooling")
+
+
+def _long_seqs(value: str) -> Literal["truncate", "window"]:
+    return _choice(value, ("truncate", "window"), "--long_seqs")
+
+
+def _model_name(model_path: Path | None, model_size: str) -> str:
+    return str(model_path) if model_path else model_size
+
+
+def _guarded(work: Callable[[], None]) -> None:
     """Run `work`; turn our errors into one line on stderr and an exit code."""
     try:
-        work()  # type: ignore[operator]
+        work()
     except Esm2BatchError as exc:
         typer.echo(f"esm2-batch: error: {exc}{_hint(exc)}", err=True)
         raise typer.Exit(_exit_code(exc)) from None
@@ -298,13 +319,6 @@ def _biotypes(value: str) -> tuple[str, ...]:
         raise typer.BadParameter("give at least one biotype, e.g. protein_coding",
                                  param_hint="--biotypes")
     return kinds
-
-
-def _long_seqs(value: str) -> str:  # type: ignore[return]
-    if value not in ("truncate", "window"):
-        raise typer.BadParameter(f"{value!r} is not one of truncate, window",
-                                 param_hint="--long_seqs")
-    return value
 
 
 def _logging(verbose: int, quiet: bool) -> None:

@@ -34,7 +34,8 @@ class EnsemblError(Esm2BatchError):
 
     def __init__(self, message: str, *, queries: Iterable[str] = ()) -> None:
         self.queries: tuple[str, ...] = tuple(queries)
-        super().__init__(message + _name_some(self.queries))
+        shown = f" (genes: {name_some(self.queries, 8)})" if self.queries else ""
+        super().__init__(message + shown)
 
 
 class EnsemblRequestError(EnsemblError):
@@ -65,10 +66,17 @@ class StoreError(Esm2BatchError):
     """The output file or the partial directory cannot be used as asked."""
 
 
-def _name_some(queries: tuple[str, ...], limit: int = 8) -> str:
-    """Render up to `limit` query names, so a message stays one readable line."""
-    if not queries:
-        return ""
-    shown = ", ".join(queries[:limit])
-    more = f" and {len(queries) - limit} more" if len(queries) > limit else ""
-    return f" (genes: {shown}{more})"
+def name_some(names: Iterable[str], limit: int = 5) -> str:
+    """'A, B, C and 7 more': enough names to act on, and the message stays one line.
+
+    The one way every message of the package names "some of these"."""
+    shown = list(names)
+    more = f" and {len(shown) - limit} more" if len(shown) > limit else ""
+    return ", ".join(shown[:limit]) + more
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type when it has none), so
+    a wrapped third-party error stays one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esm2_batch.errors import InputError, StoreError
-from esm2_batch.store.esm_file import read_esm_file
+from esm2_batch.errors import InputError, StoreError, name_some
+from esm2_batch.store.esm_file import check_finite, gene_vectors, read_esm_file
 
 __all__ = [
     "ISOFORM_MODES",
@@ -89,36 +89,10 @@ def load_esm_matrix(
     absent = [gene for gene, found in zip(vocabulary, rows, strict=True) if found is None]
     if absent:
         warnings.warn(f"{path}: {len(absent)} of {len(vocabulary)} vocabulary genes are not "
-                      f"in the file{_some(absent)}; they get zero ESM rows", EsmFileWarning,
+                      f"in the file ({name_some(absent)}); they get zero ESM rows", EsmFileWarning,
                       stacklevel=2)
-    chosen = [(found or [])[:1] if isoform == "canonical" else (found or []) for found in rows]
-    matrix = _mean_rows(esm.emb, chosen)  # [G, E] float32
-    _check_finite(matrix, vocabulary, source=str(path))
-    has_protein = torch.tensor([bool(found) for found in rows], dtype=torch.bool)  # [G]
-    return matrix, has_protein
-
-
-def _mean_rows(emb: torch.Tensor, chosen: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Average the chosen rows of emb [R, E] per gene -> [G, E] float32; [] gives zeros.
-
-    One index_add instead of a Python loop over genes; a single row divided by 1 is
-    bit-exact, so canonical rows equal the file's values cast to float32.
-    """
-    dst = torch.tensor([g for g, rows in enumerate(chosen) for _ in rows], dtype=torch.long)
-    src = torch.tensor([r for rows in chosen for r in rows], dtype=torch.long)
-    out = torch.zeros(len(chosen), emb.shape[1], dtype=torch.float32)  # [G, E]
-    out.index_add_(0, dst, emb[src].float())  # sums in float32, not float16
-    counts = torch.bincount(dst, minlength=len(chosen)).clamp(min=1)  # [G]
-    return out / counts.unsqueeze(1).to(out.dtype)
-
-
-def _check_finite(matrix: torch.Tensor, genes: Sequence[str], *, source: str) -> None:
-    """A NaN row would turn every loss it touches into NaN; name the genes instead."""
-    bad = ~torch.isfinite(matrix).all(dim=1)  # [G]
-    if bool(bad.any()):
-        names = [genes[i] for i in bad.nonzero().flatten().tolist()]
-        raise StoreError(f"{source}: non-finite ESM values for {len(names)} genes"
-                         f"{_some(names)}; re-embed them")
+    vectors = gene_vectors(esm, vocabulary, gene_pooling=isoform, source=str(path))
+    return vectors.matrix, vectors.has_protein  # [G, E] float32, [G] bool
 
 
 # ---------------------------------------------------------------------------- the module
@@ -282,9 +256,10 @@ class AugmentedGeneEmbedding(nn.Module):
 
     def _fuse(self, ids: torch.Tensor) -> torch.Tensor:
         id_vec = self.id_embedding(ids)  # [..., id_dim]
-        if not self.uses_esm:
-            return self.mix(id_vec)  # [..., d_model]
-        return self.mix(torch.cat([id_vec, self._esm_features(ids)], dim=-1))  # [..., d_model]
+        fused = id_vec if not self.uses_esm else torch.cat(
+            [id_vec, self._esm_features(ids)], dim=-1)  # [..., id_dim (+ P)]
+        out: torch.Tensor = self.mix(fused)  # [..., d_model]
+        return out
 
     def _esm_features(self, ids: torch.Tensor) -> torch.Tensor:
         """Projected, normalised, masked and gated ESM features, [..., esm_proj_dim]."""
@@ -292,7 +267,7 @@ class AugmentedGeneEmbedding(nn.Module):
         assert self.esm_proj is not None and self.esm_norm is not None
         assert self.gate_logit is not None
         esm = self.esm_matrix[ids]  # [..., E], a buffer: no gradient reaches it
-        feats = self.esm_norm(self.esm_proj(esm))  # [..., P]
+        feats: torch.Tensor = self.esm_norm(self.esm_proj(esm))  # [..., P]
         no_protein = ~self.has_protein[ids].unsqueeze(-1)  # [..., 1]
         feats = feats.masked_fill(no_protein, 0.0)  # no bias leaks in, see class docstring
         return torch.sigmoid(self.gate_logit) * feats
@@ -397,7 +372,7 @@ def _from_tensor(
         raise InputError(f"esm_matrix must be a float tensor [num_genes={num_genes}, dim]; "
                          f"got {matrix.dtype} {list(matrix.shape)}")
     matrix = matrix.detach().to(dtype=torch.get_default_dtype(), copy=True)  # [G, E]
-    _check_finite(matrix, [str(i) for i in range(num_genes)], source="esm_matrix")
+    check_finite(matrix, [str(i) for i in range(num_genes)], source="esm_matrix")
     if has_protein is None:
         return matrix, matrix.ne(0).any(dim=1)  # [G]: a zero row means no protein
     if has_protein.shape != (num_genes,):
@@ -453,9 +428,9 @@ def _vocabulary_difference(saved: Sequence[str], current: Sequence[str]) -> str:
     only_saved = [g for g in saved if g not in current_set]
     only_current = [g for g in current if g not in saved_set]
     if only_saved:
-        parts.append(f"only in the checkpoint: {len(only_saved)}{_some(only_saved)}")
+        parts.append(f"only in the checkpoint: {len(only_saved)} ({name_some(only_saved)})")
     if only_current:
-        parts.append(f"only in this module: {len(only_current)}{_some(only_current)}")
+        parts.append(f"only in this module: {len(only_current)} ({name_some(only_current)})")
     if not parts:
         moved = [i for i, (a, b) in enumerate(zip(saved, current, strict=True)) if a != b]
         first = moved[0]
@@ -464,9 +439,3 @@ def _vocabulary_difference(saved: Sequence[str], current: Sequence[str]) -> str:
                      f"{current[first]!r}")
     return "; ".join(parts)
 
-
-def _some(names: Sequence[str], limit: int = 5) -> str:
-    """' (A, B, C and 7 more)': enough names to act on, one line long."""
-    shown = ", ".join(names[:limit])
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return f" ({shown}{more})"

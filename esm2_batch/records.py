@@ -6,11 +6,15 @@ KeyError three stages later, and they round-trip through plain JSON for the resu
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 GeneStatus = Literal["ok", "no_protein", "not_found"]
 STATUSES: tuple[GeneStatus, ...] = ("ok", "no_protein", "not_found")
+
+# ENSG00000157764, ENSMUSG00000000001, optionally with a .version suffix.
+_GENE_ID = re.compile(r"^ENS[A-Z]{0,6}G\d{11}(?:\.\d+)?$", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,3 +91,19 @@ class GeneIsoforms:
 def isoform_sort_key(isoform: Isoform) -> tuple[bool, int, str]:
     """Canonical first, then longest first, then by protein ID: deterministic order."""
     return (not isoform.is_canonical, -len(isoform.sequence), isoform.protein_id)
+
+
+def is_ensembl_gene_id(query: str) -> bool:
+    """True for an Ensembl gene stable ID (any species prefix), versioned or not."""
+    return bool(_GENE_ID.match(query))
+
+
+def strip_version(stable_id: str) -> str:
+    """ENSG00000157764.13 -> ENSG00000157764 (a versioned ID only resolves if current)."""
+    head, _, tail = stable_id.partition(".")
+    return head if tail.isdigit() else stable_id
+
+
+def query_key(query: str) -> str:
+    """The identity used for deduplication: IDs without version, upper case."""
+    return strip_version(query).upper() if is_ensembl_gene_id(query) else query

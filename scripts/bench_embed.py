@@ -9,7 +9,7 @@ architecture, truncated to 1,022 residues and mean-pooled over the last layer:
     model(tokens, repr_layers=[L]) under no_grad, t[i, 1:n+1].mean(0); always fp32
     (on CUDA it also runs in fp16, reported as *_fairesm_fp16);
 (b) esm2_batch.embed_sequences with engine="reference" (fair-esm's ESM2.forward);
-(c) esm2_batch.embed_sequences with engine="fast" (esm2_batch.engine.FastESM2).
+(c) esm2_batch.embed_sequences with engine="fast" (esm2_batch.models.esm2_fast.FastESM2).
 (b) and (c) run in fp32 on CPU and fp16 on CUDA, with the same toks_per_batch as (a).
 
 Tokens/s counts real tokens (kept residues + BOS + EOS) over wall time, the same numerator
@@ -67,9 +67,9 @@ from esm2_batch.models import (  # noqa: E402
     LoadedModel,
     ModelSpec,
     load_model,
-    read_checkpoint,
 )
 from esm2_batch.models.esm2_fast import FastESM2  # noqa: E402
+from esm2_batch.models.weights import read_checkpoint  # noqa: E402
 from tests.fakes.tiny_esm import write_random_checkpoint  # noqa: E402
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"

@@ -26,8 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from esm2_batch import read_gene_list
+from esm2_batch.embedding.options import EmbedOptions
 from esm2_batch.models import load_model
-from esm2_batch.run.gene_mode import RunConfig, run
+from esm2_batch.run.config import OutputOptions, RunConfig
+from esm2_batch.run.gene_mode import run
+from esm2_batch.run.stages import StageOptions
+from esm2_batch.sources.base import SourceOptions
 from esm2_batch.sources.ensembl_rest import EnsemblClient
 from esm2_batch.sources.isoforms_fasta import write_isoforms_fasta
 from tests.fakes.ensembl import FakeEnsembl, genes_for_symbols
@@ -62,12 +66,14 @@ def main() -> None:
     fake = FakeEnsembl(table, rate_limit=args.server_rate, latency=args.latency,
                        bandwidth=5e6)
     with fake.running_in_thread() as url:
-        base = RunConfig(hvg_file=hvg, ensembl_url=url, rate_limit=args.rate_limit,
-                         toks_per_batch=args.toks_per_batch, progress=False)
+        rest = SourceOptions(ensembl_url=url, rate_limit=args.rate_limit)
+        base = RunConfig(hvg_file=hvg, source=rest,
+                         embed=EmbedOptions(toks_per_batch=args.toks_per_batch),
+                         stage=StageOptions(progress=False))
         fetch_only = _fetch_only(url, queries, args, work / "isoforms.fa")
-        e2e = run(replace(base, out=work / "e2e.pt"), model=model)
-    embed = run(replace(base, out=work / "embed.pt", isoforms=work / "isoforms.fa",
-                        ensembl_url=None), model=model)
+        e2e = run(replace(base, output=OutputOptions(out=work / "e2e.pt")), model=model)
+    embed = run(replace(base, output=OutputOptions(out=work / "embed.pt"),
+                        source=SourceOptions(isoforms=work / "isoforms.fa")), model=model)
     slower = max(fetch_only, embed.wall_s)
     result = {
         "genes": len(queries), "resolved": e2e.resolved, "not_found": len(e2e.not_found),

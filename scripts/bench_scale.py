@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from esm2_batch.embedding.embed import embed_sequences
+from esm2_batch.embedding.options import EmbedOptions
 from esm2_batch.models import load_model
 from esm2_batch.run.ray_stage import RayOptions, embed_on_ray, shutdown
 from tests.fakes.tiny_esm import write_random_checkpoint
@@ -54,20 +55,20 @@ def main() -> None:
     tokens = sum(min(len(s), 1022) + 2 for s in seqs)
     work = Path(tempfile.mkdtemp(prefix="esm2-scale-"))
     checkpoint = write_random_checkpoint(work, size=args.arch)
-    options = {"toks_per_batch": args.toks_per_batch}
+    options = EmbedOptions(toks_per_batch=args.toks_per_batch)
     model = load_model(checkpoint, device="cpu")
     start = time.perf_counter()
-    embed_sequences(model, seqs, **options)
+    embed_sequences(model, seqs, toks_per_batch=options.toks_per_batch)
     single = tokens / (time.perf_counter() - start)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     items = [(str(i), f"s{i}", s) for i, s in enumerate(seqs)]
     per_actors = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for actors in (1, 2):
             ray_options = RayOptions(address="local", actors=actors, device="cpu",
-                                     rows_per_task=16, embed_options=options)
+                                     rows_per_task=16)
             stats = embed_on_ray(items, model=str(checkpoint), options=ray_options,
+                                 embed=options,
                                  on_rows=lambda keys, rows: None,
                                  on_failure=lambda key, name, error: None)
             per_actors[actors] = tokens / stats.wall_s

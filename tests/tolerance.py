@@ -40,3 +40,17 @@ def tolerance(dtype: torch.dtype = torch.float32, *, terms: int, depth: int = 1,
 def storage_tolerance(dtype: torch.dtype, *, magnitude: float = 1.0) -> float:
     """Largest change from rounding a value once into `dtype` (half an ulp, relative)."""
     return eps(dtype) / 2 * magnitude
+
+
+def stored_tolerance(storage: torch.dtype, *, magnitude: float, terms: int, depth: int = 1,
+                     compute: torch.dtype = torch.float32) -> float:
+    """Largest |a - b| between two evaluations computed in `compute`, each stored in `storage`.
+
+    Rows in esm_all.pt are computed in fp32 and stored as fp16: two runs that differ by
+    the compute tolerance can land on either side of an fp16 rounding boundary, so their
+    stored values may differ by the compute difference plus one rounding on each side
+    (one fp16 ulp at `magnitude`, the largest |value| stored). `terms` and `depth` describe
+    the computation as for `tolerance`.
+    """
+    return (2 * storage_tolerance(storage, magnitude=magnitude)
+            + tolerance(compute, terms=terms, depth=depth, magnitude=magnitude))

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NoReturn, get_args
+from typing import NoReturn
 
 import torch
 
@@ -50,11 +50,10 @@ from esm2_batch.embedding.batching import (
     plan_windows,
     window_coverage,
 )
+from esm2_batch.embedding.options import EmbedOptions, LongSeqs, Pooling
 from esm2_batch.errors import EmbeddingError, InputError
 from esm2_batch.models import LoadedModel, representations
 
-Pooling = Literal["mean", "per_residue", "bos"]
-LongSeqs = Literal["truncate", "window"]
 SequenceInput = str | tuple[str, str]
 """A bare sequence (named by its index) or a (name, sequence) pair."""
 
@@ -74,18 +73,6 @@ class Embedded:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-
-@dataclass(frozen=True, slots=True)
-class _Options:
-    """Validated keyword options; `layer` is the absolute layer index (0 = embeddings)."""
-
-    toks_per_batch: int
-    batch_size: int | None
-    truncation: int
-    long_seqs: LongSeqs
-    pooling: Pooling
-    layer: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,11 +146,19 @@ def iter_embeddings(
     Validation is eager (an `InputError` is raised by this call, not by the first
     ``next``); every input is yielded exactly once, in completion order.
     """
-    options = _options(model, toks_per_batch=toks_per_batch, batch_size=batch_size,
-                       truncation=truncation, long_seqs=long_seqs, pooling=pooling,
-                       repr_layer=repr_layer)
+    options = EmbedOptions(toks_per_batch=toks_per_batch, batch_size=batch_size,
+                           truncation=truncation, long_seqs=long_seqs, repr_layer=repr_layer,
+                           pooling=pooling)
+    return embed_rows(model, sequences, options)
+
+
+def embed_rows(model: LoadedModel, sequences: Sequence[SequenceInput],
+               options: EmbedOptions) -> Iterator[Embedded]:
+    """`iter_embeddings` with its options as one object (what the run's stages pass)."""
+    layer = options.check(name=model.name, num_layers=model.num_layers,
+                          max_residues=model.max_residues)
     job = _plan(model, sequences, options)
-    return _run(model, job, options)
+    return _run(model, job, options, layer)
 
 
 def clean_sequence(sequence: str, *, name: str) -> str:
@@ -189,43 +184,6 @@ def _raise_bad_letter(sequence: str, name: str, *, allowed: Callable[[str], bool
     )
 
 
-def _options(
-    model: LoadedModel, *, toks_per_batch: int, batch_size: int | None, truncation: int,
-    long_seqs: LongSeqs, pooling: Pooling, repr_layer: int,
-) -> _Options:
-    """Check every option against its allowed values before anything runs."""
-    toks, size, cut, layer = toks_per_batch, batch_size, truncation, repr_layer
-    if not _positive_int(toks):
-        raise InputError(f"toks_per_batch must be a positive integer, not {toks!r}")
-    if size is not None and not _positive_int(size):
-        raise InputError(f"batch_size must be a positive integer or None, not {size!r}")
-    if not _positive_int(cut):
-        raise InputError(f"truncation must be a positive integer, not {cut!r}")
-    if cut > model.max_residues:  # positions beyond the context the model was trained on
-        raise InputError(f"truncation {cut} exceeds {model.name}'s context of "
-                         f"{model.max_residues} residues; lower it, or use "
-                         "long_seqs='window' to cover long proteins whole")
-    if pooling not in get_args(Pooling):
-        raise InputError(f"pooling must be one of {get_args(Pooling)}, not {pooling!r}")
-    if long_seqs not in get_args(LongSeqs):
-        raise InputError(f"long_seqs must be one of {get_args(LongSeqs)}, not {long_seqs!r}")
-    depth = model.num_layers
-    if not _int(layer) or not -(depth + 1) <= layer <= depth:
-        raise InputError(f"repr_layer must be in [{-(depth + 1)}, {depth}] for "
-                         f"{model.name}, not {layer!r}")
-    return _Options(toks_per_batch=toks, batch_size=size, truncation=cut,
-                    long_seqs=long_seqs, pooling=pooling, layer=layer % (depth + 1))
-
-
-def _int(value: object) -> bool:
-    """An int that is not a bool (True would otherwise pass as 1)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive_int(value: object) -> bool:
-    return _int(value) and value > 0  # type: ignore[operator]
-
-
 def _named(sequences: Sequence[SequenceInput]) -> list[tuple[str, str]]:
     """(name, sequence) pairs; a bare string is named by its index."""
     if isinstance(sequences, str):
@@ -242,7 +200,7 @@ def _named(sequences: Sequence[SequenceInput]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _plan(model: LoadedModel, sequences: Sequence[SequenceInput], options: _Options) -> _Job:
+def _plan(model: LoadedModel, sequences: Sequence[SequenceInput], options: EmbedOptions) -> _Job:
     """Clean, dedupe, cut into pieces and batch: everything that can fail before the model."""
     named = _named(sequences)
     unique: dict[str, int] = {}
@@ -266,7 +224,7 @@ def _plan(model: LoadedModel, sequences: Sequence[SequenceInput], options: _Opti
                 batches=plan.batches)
 
 
-def _ranges(length: int, options: _Options) -> tuple[tuple[int, int], ...]:
+def _ranges(length: int, options: EmbedOptions) -> tuple[tuple[int, int], ...]:
     """The residue ranges one sequence is embedded from, per the long-sequence policy."""
     if options.long_seqs == "window":
         return plan_windows(length, window=min(options.truncation, MAX_RESIDUES))
@@ -274,7 +232,7 @@ def _ranges(length: int, options: _Options) -> tuple[tuple[int, int], ...]:
 
 
 def _raise_oversize(
-    pieces: list[_Piece], owners: list[list[int]], names: list[str], options: _Options
+    pieces: list[_Piece], owners: list[list[int]], names: list[str], options: EmbedOptions
 ) -> NoReturn:
     """Name the sequences that alone exceed the token budget, and what to change."""
     shown = sorted({names[owners[p.item][0]] for p in pieces})
@@ -301,12 +259,13 @@ def _encode(sequence: str, table: torch.Tensor) -> torch.Tensor:
     return table[codes.long()]
 
 
-def _run(model: LoadedModel, job: _Job, options: _Options) -> Iterator[Embedded]:
+def _run(model: LoadedModel, job: _Job, options: EmbedOptions, layer: int
+         ) -> Iterator[Embedded]:
     """Run the planned batches and yield every input once its sequence is complete."""
     pools = [_Pool(windows, options) for windows in job.windows]
     for batch in job.batches:
         pieces = [job.pieces[i] for i in batch]
-        for piece, states in _forward_split(model, job, pieces, options.layer):
+        for piece, states in _forward_split(model, job, pieces, layer):
             pool = pools[piece.item]
             pool.add(piece, states)
             if pool.pending == 0:
@@ -362,7 +321,7 @@ class _Pool:
     """
 
     windows: tuple[tuple[int, int], ...]
-    options: _Options
+    options: EmbedOptions
     length: int = field(init=False)  # residues kept (truncation applied)
     pending: int = field(init=False)  # pieces not yet folded in
     total: torch.Tensor | None = None

@@ -1,62 +1,67 @@
-"""ESM2 registry, loading (by size, fair-esm name or local checkpoint) and the forward pass.
+"""Encoders: a checkpoint in, the hidden states of a chosen layer out.
 
-Loading goes through fair-esm's own ``load_model_and_alphabet_core`` so the architecture
-and state-dict mapping stay fair-esm's, but the file is read by us: fair-esm calls
-``torch.load`` without ``weights_only``, which torch >= 2.6 refuses for its checkpoints
-("Unsupported global: argparse.Namespace"). We load with ``weights_only=True`` and an
-allow-list of exactly the globals the official files hold (`CHECKPOINT_GLOBALS`).
+    load_model(model, device=, dtype=, engine=, backend=)  ->  LoadedModel
+    representations(loaded, tokens (B, T), layer=L)        ->  (B, T, E), zeros at padding
 
-Two engines run the forward (``load_model(..., engine=...)``, recorded on the
-`LoadedModel`):
+Every variant is an `Encoder`, so callers never ask which one runs:
 
-- ``"fast"`` (default): `engine.FastESM2`, built from the loaded fair-esm module (sharing
-  its weights): fused QKV, SDPA, no attention weights, stops at the requested layer.
-  Matches fair-esm to ~1e-6 in fp32.
-- ``"reference"``: fair-esm's own ``ESM2.forward(tokens, repr_layers=[L])``, unchanged;
-  the thing the fast engine is measured and tested against.
+- ESM2 from fair-esm's ``.pt`` (backend "fair-esm": a size like "650M", a fair-esm name,
+  or a local file), built by fair-esm's own loader (fair_esm.py) and run by one of two
+  engines: "fast" (default, esm2_fast.py: fused QKV, SDPA, stops at the requested layer;
+  matches fair-esm to ~1e-6 in fp32) or "reference" (fair-esm's ``ESM2.forward``
+  unchanged, what the fast engine is tested against);
+- ESM2 in the Hugging Face layout (backend "hf"): its weights renamed into fair-esm's
+  layout (hf_esm2.py), then exactly the same two engines;
+- ESM C (backend "esmc"): its own module (esmc.py).
 
-`LoadedModel.module` is always the fair-esm ESM2. Two fixes are installed on it
-(`Fp32RotaryEmbedding`): fair-esm casts its rotary ``inv_freq`` buffer with the model, so
-under fp16 positions above 256 round; and a cos/sin cache built under
-``torch.inference_mode`` breaks a later grad-enabled call of the same length. Both are
-fixed by rebuilding the tables in fp32 whenever they would be wrong, from the
-checkpoint's own frequencies (fp16-rounded in the published files, and what fair-esm's
-forward uses). The fast engine gets the same fp32 frequencies (`rotary_frequencies`),
-builds its tables per call and needs neither fix.
+The checkpoint readers (weights_only loading, safetensors, shards, the local HF cache,
+the download of published ESM2 files) are in weights.py; rotary tables, shared by every
+model, in rotary.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import pickle
-import re
-import urllib.error
-import urllib.request
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Literal, Protocol, get_args
 
 import esm
 import torch
 from esm.model.esm2 import ESM2
-from esm.rotary_embedding import RotaryEmbedding
-from tqdm import tqdm
+from torch import nn
 
-from esm2_batch.errors import ModelError
-from esm2_batch.models.esm2_fast import FastESM2
-from esm2_batch.models.esmc import CONTEXT_TOKENS, is_esmc_source, load_esmc
-from esm2_batch.models.hf_esm2 import (
+from esm2_batch.errors import ModelError, first_line
+from esm2_batch.models.esm2_fast import FastEncoder, FastESM2
+from esm2_batch.models.esmc import ESMCEncoder, load_esmc
+from esm2_batch.models.esmc_weights import is_esmc_source
+from esm2_batch.models.fair_esm import ReferenceEncoder, build_module, prepare
+from esm2_batch.models.hf_esm2 import hf_model_name, is_hf_esm2_dir, read_hf_esm2
+from esm2_batch.models.weights import (
     find_in_hf_cache,
-    hf_model_name,
-    is_hf_esm2_dir,
+    hub_checkpoint,
     looks_like_hub_id,
-    read_hf_esm2,
+    read_checkpoint,
 )
 
+__all__ = [
+    "BACKENDS",
+    "ENGINES",
+    "ESM2_MODELS",
+    "Backend",
+    "Encoder",
+    "Engine",
+    "LoadedModel",
+    "ModelSpec",
+    "detect_backend",
+    "load_model",
+    "representations",
+    "resolve_model",
+]
+
 Engine = Literal["fast", "reference"]
-"""Which forward runs the model: `engine.FastESM2` or fair-esm's own ESM2.forward."""
+"""Which forward runs an ESM2: `esm2_fast.FastESM2` or fair-esm's own ESM2.forward."""
 ENGINES: tuple[str, ...] = get_args(Engine)
 Backend = Literal["fair-esm", "hf", "esmc"]
 """Where the weights come from: fair-esm's .pt, ESM2 in the Hugging Face layout (renamed
@@ -88,16 +93,6 @@ ESM2_MODELS: dict[str, ModelSpec] = {
 }
 """The ESM2 family by size label, as fair-esm publishes it."""
 
-MODEL_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
-CONNECT_TIMEOUT_S = 10.0
-"""Seconds to wait for the download server (connect and each read): offline fails fast."""
-
-CHECKPOINT_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
-"""Globals allowed beyond torch's weights-only defaults: the fairseq config
-``cfg["model"]`` of the official ESM2 files is an ``argparse.Namespace``. Should a file
-pickle anything else, `read_checkpoint` names it in a ModelError instead of loading it."""
-
-_REGRESSION_WARNING = "Regression weights not found"
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -105,37 +100,86 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
+class Encoder(Protocol):
+    """What every model variant is to the rest of the package: (B, T) token ids (ESM2's
+    alphabet, BOS and EOS added, padded with <pad>) on `device` -> (B, T, E) hidden states
+    after the requested layer, in `dtype`.
+
+    Layer 0 is the token embedding and `num_layers` the last layer's output, as fair-esm's
+    ``repr_layers`` numbers them. At real positions the states are the model's own; at
+    padded positions they are zeros (they mean nothing, and an engine may skip them).
+    """
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def embed_dim(self) -> int: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def max_residues(self) -> int:
+        """Residues that fit the training context next to BOS and EOS."""
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def __call__(self, tokens: torch.Tensor, *, layer: int) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
-    """An ESM2 ready to run: fair-esm's module (eval mode, on `device` in `dtype`), the
-    engine that runs the forward, and facts.
+    """A model ready to run: its `encoder`, the network behind it, and facts.
 
-    `module` is fair-esm's ESM2 whichever the engine (the reference for comparisons);
-    `fast` is the `FastESM2` built from it (sharing its weights) when `engine` is "fast",
-    else None. The contact-regression head is never loaded (embeddings do not use it), so
+    `module` is the loaded network in eval mode on `device` in `dtype`: fair-esm's ESM2
+    whichever the engine (the reference for comparisons), or the `esmc.ESMC`. `fast` is the
+    `FastESM2` built from the ESM2 (sharing its weights) when `engine` is "fast", else None.
+    The contact-regression head is never loaded (embeddings do not use it), so
     ``module.predict_contacts`` is not meaningful on a model loaded here.
     """
 
-    name: str
-    module: ESM2
+    encoder: Encoder
+    module: nn.Module
     alphabet: esm.data.Alphabet
-    embed_dim: int
-    num_layers: int
-    device: torch.device
-    dtype: torch.dtype
     engine: Engine = "reference"
-    fast: FastESM2 | None = None
     backend: Backend = "fair-esm"
+    fast: FastESM2 | None = None
+
+    def __post_init__(self) -> None:
+        if (self.engine == "fast") != (self.fast is not None):
+            raise ValueError(f"engine {self.engine!r} needs fast set exactly when it is 'fast'")
+
+    @property
+    def name(self) -> str:
+        return self.encoder.name
+
+    @property
+    def embed_dim(self) -> int:
+        return self.encoder.embed_dim
+
+    @property
+    def num_layers(self) -> int:
+        return self.encoder.num_layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.dtype
 
     @property
     def max_residues(self) -> int:
         """Residues that fit the training context next to BOS and EOS: 1022 for ESM2,
         2046 for ESM C."""
-        return CONTEXT_TOKENS - 2 if self.backend == "esmc" else 1022
+        return self.encoder.max_residues
 
-    def __post_init__(self) -> None:
-        if (self.engine == "fast") != (self.fast is not None):
-            raise ValueError(f"engine {self.engine!r} needs fast set exactly when it is 'fast'")
+
+def representations(model: LoadedModel, tokens: torch.Tensor, *, layer: int) -> torch.Tensor:
+    """(B, T) tokens on the model's device -> (B, T, E) states after `layer` (0 =
+    embeddings): the model's own at real positions, zeros at padded ones (see `Encoder`)."""
+    return model.encoder(tokens, layer=layer)
 
 
 def load_model(
@@ -146,56 +190,24 @@ def load_model(
     engine: Engine = "fast",
     backend: str = "auto",
 ) -> LoadedModel:
-    """Load an ESM2 by size ("650M"), fair-esm name or path of a local checkpoint.
+    """Load a model by ESM2 size ("650M"), fair-esm name, local checkpoint, Hugging Face
+    folder or cached hub id (`backend` "auto" tells them apart: `detect_backend`).
 
     Sizes and names are read from the torch hub cache and downloaded into it when missing.
     `device` defaults to cuda when available, else cpu; `dtype` to float16 on cuda (rotary
-    tables stay fp32) and float32 elsewhere. `engine` picks the forward: "fast"
-    (`engine.FastESM2`) or "reference" (fair-esm's own). Every failure is a one-line
-    `ModelError`.
+    tables stay fp32) and float32 elsewhere. `engine` picks the ESM2 forward: "fast"
+    (`esm2_fast.FastESM2`) or "reference" (fair-esm's own); ESM C has one forward. Every
+    failure is a one-line `ModelError`.
     """
     if engine not in ENGINES:
         raise ModelError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
     target = _resolve_device(device)
     precision = _resolve_dtype(dtype, target)
     chosen = detect_backend(model) if backend == "auto" else backend
-    if chosen == "esmc":
-        return _load_esmc(model, target, precision)
-    if chosen == "hf":
-        name, path = hf_model_name(model), Path(model)
-        module, alphabet = _build(name, read_hf_esm2(model), path)
-    elif chosen == "fair-esm":
-        source = resolve_model(model)
-        if isinstance(source, ModelSpec):
-            name, path = source.name, hub_checkpoint(source.name)
-        else:
-            name, path = source.stem, source
-        module, alphabet = _build(name, read_checkpoint(path), path)
-    else:
+    loader = _LOADERS.get(chosen)
+    if loader is None:
         raise ModelError(f"unknown backend {backend!r}: use one of auto, {', '.join(BACKENDS)}")
-    install_fp32_rotary(module)
-    module = module.eval().to(device=target, dtype=precision)
-    return LoadedModel(
-        name=name, module=module, alphabet=alphabet, embed_dim=module.embed_dim,
-        num_layers=module.num_layers, device=target, dtype=precision, engine=engine,
-        backend=chosen,  # type: ignore[arg-type]
-        fast=(FastESM2.from_fair_esm(module, inv_freq=rotary_frequencies(module))
-              if engine == "fast" else None),
-    )
-
-
-def representations(model: LoadedModel, tokens: torch.Tensor, *, layer: int) -> torch.Tensor:
-    """(B, T) tokens on the model's device -> (B, T, E) states after `layer` (0 =
-    embeddings), computed by the model's engine: at real positions the states of fair-esm's
-    ``forward(tokens, repr_layers=[layer])``; at padded positions zeros, whichever engine
-    (their states mean nothing, and the fast engine then skips computing them)."""
-    if model.fast is not None:
-        return model.fast(tokens, layer=layer, skip_padding=True)
-    if model.backend == "esmc":
-        states = model.module(tokens, layer=layer)
-    else:
-        states = model.module(tokens, repr_layers=[layer])["representations"][layer]
-    return states.masked_fill(tokens.eq(model.alphabet.padding_idx).unsqueeze(-1), 0.0)
+    return loader(model, target, precision, engine)
 
 
 def detect_backend(model: str | os.PathLike[str]) -> Backend:
@@ -203,8 +215,7 @@ def detect_backend(model: str | os.PathLike[str]) -> Backend:
     fair-esm's layout, an HF folder (config.json + weights) or hub id in the local HF
     cache, or an ESM C checkpoint (.pth, .safetensors or folder)."""
     text = str(model)
-    if isinstance(model, str) and any(text.upper() == s.size.upper() or text == s.name
-                                      for s in ESM2_MODELS.values()):
+    if isinstance(model, str) and _registry_entry(model) is not None:
         return "fair-esm"
     path = Path(text).expanduser()
     if path.is_dir():
@@ -229,23 +240,10 @@ def detect_backend(model: str | os.PathLike[str]) -> Backend:
     return "fair-esm"
 
 
-def _load_esmc(model: str | os.PathLike[str], device: torch.device,
-               dtype: torch.dtype) -> LoadedModel:
-    """ESM C runs its own module; it shares ESM2's token ids, so the same alphabet works."""
-    module = load_esmc(model).to(device=device, dtype=dtype)
-    name = Path(str(model)).name.split(".")[0] or str(model)
-    return LoadedModel(
-        name=name, module=module, alphabet=esm.data.Alphabet.from_architecture("ESM-1b"),
-        embed_dim=module.embed_dim, num_layers=module.num_layers, device=device,
-        dtype=dtype, engine="reference", fast=None, backend="esmc")
-
-
 def resolve_model(model: str | os.PathLike[str]) -> ModelSpec | Path:
     """A registry entry for a size or fair-esm name, else the existing checkpoint path."""
-    if isinstance(model, str):
-        for spec in ESM2_MODELS.values():
-            if model.upper() == spec.size.upper() or model == spec.name:
-                return spec
+    if isinstance(model, str) and (spec := _registry_entry(model)) is not None:
+        return spec
     path = Path(model).expanduser()
     looks_like_path = not isinstance(model, str) or path.suffix == ".pt" or len(path.parts) > 1
     if path.is_file():
@@ -259,91 +257,65 @@ def resolve_model(model: str | os.PathLike[str]) -> ModelSpec | Path:
                      f"esm2_t33_650M_UR50D, or the path of a local checkpoint (--model_path)")
 
 
-def hub_checkpoint(name: str) -> Path:
-    """The cached checkpoint of a published model, downloaded first when missing."""
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
-    path = cache / f"{name}.pt"
-    if path.is_file():
-        return path
-    url = MODEL_URL.format(name=name)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        download(url, path)
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise ModelError(
-            f"cannot download {name} from {url} ({reason}); place {name}.pt in {cache} "
-            f"or pass a local checkpoint with --model_path PATH"
-        ) from None
-    return path
+def _registry_entry(text: str) -> ModelSpec | None:
+    """The published ESM2 that `text` names by size (any case) or fair-esm name."""
+    for spec in ESM2_MODELS.values():
+        if text.upper() == spec.size.upper() or text == spec.name:
+            return spec
+    return None
 
 
-def download(url: str, dest: Path, *, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """Stream `url` to `dest` via a temporary file, so an interrupted download leaves none.
-
-    The timeout bounds the connect and every read, so an offline machine fails in seconds
-    instead of hanging, unlike torch.hub's download, which sets none.
-    """
-    partial = dest.with_name(dest.name + ".partial")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, partial.open("wb") as out:
-            size = int(getattr(response, "headers", {}).get("Content-Length", 0)) or None
-            # disable=None: a bar on a terminal, silence in logs and tests
-            with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name, disable=None) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        partial.replace(dest)
-    finally:
-        partial.unlink(missing_ok=True)
+# --------------------------------------------------------------------------------------
+# One loader per backend
+# --------------------------------------------------------------------------------------
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a fair-esm checkpoint with weights_only=True and the `CHECKPOINT_GLOBALS`."""
-    try:
-        with torch.serialization.safe_globals(list(CHECKPOINT_GLOBALS)):
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        why = f"it pickles {found.group(1)}, which is not allowed" if found else "not a checkpoint"
-        raise ModelError(f"cannot load {path}: {why}") from None
-    except Exception as exc:  # a corrupt file fails anywhere in the unpickler (IndexError...)
-        why = _first_line(exc)
-        raise ModelError(f"cannot load {path}: not a readable checkpoint ({why})") from None
-    if not _is_esm2_layout(data):
-        raise ModelError(f"cannot load {path}: not an ESM2 checkpoint in fair-esm's layout "
-                         f"(needs 'model' and cfg['model'] with encoder_layers)")
-    return data
+def _load_fair_esm(model: str | os.PathLike[str], device: torch.device,
+                   dtype: torch.dtype, engine: Engine) -> LoadedModel:
+    """A published size or name (hub cache, downloaded when missing) or a local .pt."""
+    source = resolve_model(model)
+    if isinstance(source, ModelSpec):
+        name, path = source.name, hub_checkpoint(source.name)
+    else:
+        name, path = source.stem, source
+    module, alphabet = build_module(name, read_checkpoint(path), path)
+    return _esm2(name, module, alphabet, device, dtype, engine, "fair-esm")
 
 
-def _is_esm2_layout(data: object) -> bool:
-    """Whether `data` has what fair-esm's ESM2 loader reads: weights and cfg.model."""
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        return False
-    cfg = data.get("cfg")
-    model_cfg = cfg.get("model") if isinstance(cfg, dict) else None
-    return all(hasattr(model_cfg, key) for key in
-               ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads"))
+def _load_hf(model: str | os.PathLike[str], device: torch.device,
+             dtype: torch.dtype, engine: Engine) -> LoadedModel:
+    """ESM2 in the Hugging Face layout, renamed into fair-esm's and built by fair-esm."""
+    name = hf_model_name(model)
+    module, alphabet = build_module(name, read_hf_esm2(model), Path(model))
+    return _esm2(name, module, alphabet, device, dtype, engine, "hf")
 
 
-def _build(name: str, data: dict[str, Any], path: Path) -> tuple[ESM2, esm.data.Alphabet]:
-    """Build the module with fair-esm's own loader; contact regression deliberately absent."""
-    # fair-esm picks its ESM2 code path by the name's prefix; the layout is checked already.
-    core_name = name if name.startswith("esm2") else f"esm2_{name}"
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_REGRESSION_WARNING)
-            module, alphabet = esm.pretrained.load_model_and_alphabet_core(
-                core_name, data, regression_data=None)
-    except (RuntimeError, KeyError, AttributeError, TypeError) as exc:
-        raise ModelError(f"cannot load {path}: {_first_line(exc)}") from None
-    return module, alphabet
+def _esm2(name: str, module: ESM2, alphabet: esm.data.Alphabet, device: torch.device,
+          dtype: torch.dtype, engine: Engine, backend: Backend) -> LoadedModel:
+    """A fair-esm ESM2 prepared for inference, behind the encoder `engine` names."""
+    module = prepare(module, device, dtype)
+    fast = FastESM2.from_fair_esm(module) if engine == "fast" else None
+    encoder: Encoder = (ReferenceEncoder(module, name, device, dtype) if fast is None
+                        else FastEncoder(fast, name, device, dtype))
+    return LoadedModel(encoder=encoder, module=module, alphabet=alphabet, engine=engine,
+                       backend=backend, fast=fast)
 
 
-def _first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message, so errors stay one line."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+def _load_esmc(model: str | os.PathLike[str], device: torch.device,
+               dtype: torch.dtype, engine: Engine) -> LoadedModel:
+    """ESM C runs its own module with one forward, whatever `engine` asks; it shares
+    ESM2's token ids, so ESM2's alphabet tokenizes for it."""
+    module = load_esmc(model).to(device=device, dtype=dtype)
+    name = Path(str(model)).name.split(".")[0] or str(model)
+    return LoadedModel(
+        encoder=ESMCEncoder(module, name, device, dtype), module=module,
+        alphabet=esm.data.Alphabet.from_architecture("ESM-1b"), engine="reference",
+        backend="esmc")
+
+
+_Loader = Callable[[str | os.PathLike[str], torch.device, torch.dtype, Engine], LoadedModel]
+_LOADERS: dict[str, _Loader] = {"fair-esm": _load_fair_esm, "hf": _load_hf, "esmc": _load_esmc}
+"""The loader of each `Backend`."""
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -353,7 +325,7 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         target = torch.device(device)
     except RuntimeError as exc:
-        raise ModelError(f"invalid device {device!r}: {_first_line(exc)}") from None
+        raise ModelError(f"invalid device {device!r}: {first_line(exc)}") from None
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"device {device!r} requested but CUDA is not available")
     return target
@@ -367,60 +339,3 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
     if key not in _DTYPES:
         raise ModelError(f"unsupported dtype {dtype!r}: use float32, float16 or bfloat16")
     return _DTYPES[key]
-
-
-class Fp32RotaryEmbedding(RotaryEmbedding):
-    """fair-esm's rotary embedding with tables built in fp32 and rebuilt when stale.
-
-    fair-esm derives the tables from its ``inv_freq`` buffer, which ``.half()`` lowers too;
-    here the frequencies are kept aside in fp32 and the result is cast to the activations'
-    dtype. The frequencies are the checkpoint's (`inv_freq`), not recomputed: ESM2 was
-    trained in fp16, the published files carry fp16-rounded values, and fair-esm's forward
-    uses them. In fp32 the tables are bit-identical to fair-esm's. The cache is also
-    rebuilt when it holds inference tensors outside inference mode, which autograd cannot
-    save.
-    """
-
-    def __init__(self, dim: int, inv_freq: torch.Tensor | None = None) -> None:
-        super().__init__(dim)
-        if inv_freq is not None:
-            self.inv_freq.copy_(inv_freq)
-        self._inv_freq32 = self.inv_freq.detach().float().clone()
-
-    def _update_cos_sin_tables(
-        self, x: torch.Tensor, seq_dimension: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        seq_len = x.shape[seq_dimension]
-        if self._stale(seq_len, x):
-            inv_freq = self._inv_freq32.to(x.device)
-            t = torch.arange(seq_len, device=x.device).type_as(inv_freq)  # (T,)
-            freqs = torch.einsum("i,j->ij", t, inv_freq)  # (T, D/2)
-            emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
-            self._cos_cached = emb.cos()[None, :, :].to(x.dtype)  # (1, T, D)
-            self._sin_cached = emb.sin()[None, :, :].to(x.dtype)
-            self._seq_len_cached = seq_len
-        return self._cos_cached, self._sin_cached
-
-    def _stale(self, seq_len: int, x: torch.Tensor) -> bool:
-        cos = self._cos_cached
-        return (
-            cos is None
-            or seq_len != self._seq_len_cached
-            or cos.device != x.device
-            or cos.dtype != x.dtype
-            or (cos.is_inference() and not torch.is_inference_mode_enabled())
-        )
-
-
-def install_fp32_rotary(module: ESM2) -> None:
-    """Swap every layer's rotary embedding for `Fp32RotaryEmbedding`, keeping the loaded
-    frequencies (same state dict, same values); call it before casting the module."""
-    for layer in module.layers:
-        attention = layer.self_attn
-        loaded = attention.rot_emb.inv_freq
-        attention.rot_emb = Fp32RotaryEmbedding(attention.head_dim, loaded).to(loaded.device)
-
-
-def rotary_frequencies(module: ESM2) -> torch.Tensor:
-    """(L, D/2) fp32 rotary frequencies of every layer, as loaded (see Fp32RotaryEmbedding)."""
-    return torch.stack([layer.self_attn.rot_emb._inv_freq32 for layer in module.layers])

@@ -31,9 +31,10 @@ applied through ``cat``-based half rotations, and every layer and the LM head al
 - and it stops at the requested layer: the layers above it and the LM head never run.
 
 In fp32 it matches ``ESM2.forward(tokens, repr_layers=[L])["representations"][L]`` to
-~1e-6 (tests/test_engine.py), at padded positions too unless ``skip_padding`` asks for
-zeros there: token-dropout rescaling, padding zeroing and key masking are fair-esm's.
-It is inference-only (``torch.inference_mode``).
+~1e-6 (tests/models/test_esm2_fast.py), at padded positions too unless ``skip_padding``
+asks for zeros there: token-dropout rescaling, padding zeroing and key masking are
+fair-esm's. It is inference-only (``torch.inference_mode``). `FastEncoder` is the engine
+behind the package's `Encoder` protocol (``load_model(..., engine="fast")``).
 
 Shapes in comments: B batch, T tokens (BOS + residues + EOS + padding), E embed dim,
 H heads, D head dim (E / H), F feed-forward dim (4E).
@@ -49,11 +50,12 @@ import torch.nn.functional as F
 from esm.model.esm2 import ESM2
 from torch import nn
 
+from esm2_batch.models.fair_esm import MAX_RESIDUES, rotary_frequencies
+from esm2_batch.models.rotary import rotary_angles, rotary_inv_freq
+
 TOKEN_DROPOUT_RATIO = 0.15 * 0.8
 """fair-esm's training mask ratio: at inference embeddings are multiplied by 1 - 0.12 and
 divided by one minus the row's observed <mask> ratio."""
-
-ROTARY_BASE = 10_000.0
 
 CPU_CHUNK_TOKENS = 1024
 """Tokens per chunk on CPU (a chunk holds whole sequences: 1-2x this, or one longer row).
@@ -138,9 +140,9 @@ def rotate_(pairs: torch.Tensor, rotary: torch.Tensor) -> None:
     complex64 `rotary` (broadcast over (..., D/2)): (x1 + i x2) * (cos + i sin), i.e.
     fair-esm's x * cos + rotate_half(x) * sin. Half-precision inputs rotate in fp32."""
     if pairs.dtype == torch.float32:
-        torch.view_as_complex(pairs.unflatten(-1, (-1, 2))).mul_(rotary)
+        torch.view_as_complex(torch.unflatten(pairs, -1, (-1, 2))).mul_(rotary)
         return
-    wide = torch.view_as_complex(pairs.float().unflatten(-1, (-1, 2))) * rotary
+    wide = torch.view_as_complex(torch.unflatten(pairs.float(), -1, (-1, 2))) * rotary
     pairs.copy_(torch.view_as_real(wide).flatten(-2))
 
 
@@ -153,6 +155,8 @@ def _add_linear_(x: torch.Tensor, h: torch.Tensor, linear: nn.Linear) -> torch.T
 class FastESM2(nn.Module):
     """ESM2's encoder for embeddings: (B, T) tokens -> (B, T, E) states after a layer."""
 
+    inv_freq: torch.Tensor  # (L, D/2) fp32 rotary frequencies, a buffer
+
     def __init__(self, config: EngineConfig) -> None:
         super().__init__()
         self.config = config
@@ -163,21 +167,19 @@ class FastESM2(nn.Module):
         self.register_buffer("inv_freq", inv_freq.clone(), persistent=False)  # (L, D/2) fp32
 
     @classmethod
-    def from_fair_esm(cls, module: ESM2, *, inv_freq: torch.Tensor | None = None) -> FastESM2:
+    def from_fair_esm(cls, module: ESM2) -> FastESM2:
         """The engine for `module`, on its device and in its dtype.
 
         Every weight except the fused QKV projection is shared with `module`, not copied,
-        so the pair costs one model's memory plus a quarter of the layers' weights.
-        `inv_freq` (L, D/2) are the layers' rotary frequencies in fp32; by default each
-        layer's ``rot_emb.inv_freq`` buffer (pass them when the module was cast to fp16).
+        so the pair costs one model's memory plus a quarter of the layers' weights. The
+        rotary frequencies are the module's own, in fp32 (`fair_esm.rotary_frequencies`):
+        exact even after an fp16 cast when the module has fair_esm's fp32 rotary installed.
         """
         config = EngineConfig.of(module)
         with torch.device("meta"):
             engine = cls(config)  # no memory allocated for weights about to be replaced
         engine.load_state_dict(convert_state_dict(module.state_dict(), config), assign=True)
-        if inv_freq is None:
-            inv_freq = torch.stack([layer.self_attn.rot_emb.inv_freq for layer in module.layers])
-        engine.inv_freq = inv_freq.to(module.embed_tokens.weight.device, torch.float32)
+        engine.inv_freq = rotary_frequencies(module).to(module.embed_tokens.weight.device)
         return engine.eval().requires_grad_(False)
 
     @torch.inference_mode()
@@ -209,7 +211,7 @@ class FastESM2(nn.Module):
     def embed(self, tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, T, E) embeddings with fair-esm's token-dropout rescaling and
         zeroed padding, operation for operation."""
-        x = self.embed_tokens(tokens)  # (B, T, E); fair-esm's embed_scale is 1
+        x: torch.Tensor = self.embed_tokens(tokens)  # (B, T, E); fair-esm's embed_scale is 1
         if self.config.token_dropout:
             masked = tokens.eq(self.config.mask_idx)  # (B, T)
             x = x.masked_fill(masked.unsqueeze(-1), 0.0)
@@ -254,17 +256,40 @@ class FastESM2(nn.Module):
             x.copy_(work)
 
 
-def rotary_inv_freq(head_dim: int) -> torch.Tensor:
-    """(D/2,) fp32 rotary frequencies, computed as fair-esm's RotaryEmbedding does."""
-    return 1.0 / (ROTARY_BASE ** (torch.arange(0, head_dim, 2).float() / head_dim))
+
+@dataclass(frozen=True, slots=True)
+class FastEncoder:
+    """The fast engine as an `Encoder`: padded positions are skipped and come back as
+    zeros (the reference engine zeroes them too), real positions are fair-esm's."""
+
+    fast: FastESM2
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def embed_dim(self) -> int:
+        return self.fast.config.embed_dim
+
+    @property
+    def num_layers(self) -> int:
+        return self.fast.config.num_layers
+
+    @property
+    def max_residues(self) -> int:
+        return MAX_RESIDUES
+
+    def __call__(self, tokens: torch.Tensor, *, layer: int) -> torch.Tensor:
+        """(B, T) tokens -> (B, T, E) states after `layer` (0 = embeddings)."""
+        states: torch.Tensor = self.fast(tokens, layer=layer, skip_padding=True)
+        return states
 
 
 def rotary_table(inv_freq: torch.Tensor, length: int) -> torch.Tensor:
     """(..., T, D/2) complex64 rotations exp(i * t * inv_freq) for (..., D/2) fp32
     frequencies: the angles are fair-esm's (one fp32 product each), so in fp32 cos and
     sin are bit-identical to its tables."""
-    t = torch.arange(length, device=inv_freq.device, dtype=torch.float32)
-    angles = t[:, None] * inv_freq[..., None, :]  # (..., T, D/2)
+    angles = rotary_angles(inv_freq, length)  # (..., T, D/2)
     return torch.view_as_complex(torch.stack((angles.cos(), angles.sin()), dim=-1))
 
 

@@ -3,10 +3,10 @@
 Many users hold ESM2 as a Hugging Face model (``facebook/esm2_t33_650M_UR50D`` in their HF
 cache, or a folder with ``config.json`` + ``model.safetensors``) rather than fair-esm's
 ``.pt``. `read_hf_esm2` renames those weights into exactly the dict fair-esm publishes
-(what ``tests/fakes/tiny_esm.official_layout`` writes), so the project's own loader
-(``models._build``) and engines run them: one ESM2 implementation, one set of row
-semantics, and no ``transformers`` at run time (it would pull tokenizers, hub clients and
-its own attention/padding code paths into a tool that only needs a state dict).
+(what ``tests/fakes/tiny_esm.official_layout`` writes), so fair-esm's loader
+(``fair_esm.build_module``) and both ESM2 engines run them: one ESM2 implementation, one
+set of row semantics, and no ``transformers`` at run time (it would pull tokenizers, hub
+clients and its own attention/padding code paths into a tool that only needs a state dict).
 
 The key map (transformers' ``convert_esm.py`` is the reference for the names), after an
 optional ``esm.`` prefix (present when ``EsmForMaskedLM`` saved the file, absent when
@@ -35,57 +35,38 @@ file the project never loads), ``pooler.*``, ``embeddings.position_ids``. An ``E
 file has no LM head; fair-esm's loader requires one, so it gets the tied embedding matrix
 and a neutral dense/LayerNorm: logits of such a model mean nothing, embeddings are exact.
 
-Files are read without optional packages: ``pytorch_model.bin`` with
-``torch.load(weights_only=True)``, ``model.safetensors`` with `read_safetensors`, a
-short reader of that deliberately simple format (8-byte header length, a JSON header of
-dtype/shape/offsets, raw little-endian bytes). That keeps ``--backend hf`` free of extras
-and lets every malformed file fail as a one-line `ModelError`; the tests check the reader
-against the ``safetensors`` package. Sharded checkpoints (``*.index.json``) work too.
-
-Hub ids are looked up in the local HF cache only (``HF_HUB_CACHE``, else ``HF_HOME/hub``,
-else ``~/.cache/huggingface/hub``): nothing is ever downloaded, and a missing model is a
-one-line error that says how to fetch it or point ``--model_path`` at a folder.
+The files themselves (safetensors, ``pytorch_model.bin``, shards, hub ids in the local
+HF cache) are read by weights.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import pickle
 import re
-import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from esm2_batch.errors import ModelError
+from esm2_batch.errors import ModelError, name_some
+from esm2_batch.models.rotary import rope_theta, rotary_inv_freq
+from esm2_batch.models.weights import (
+    compare_keys,
+    find_weights_file,
+    locate,
+    looks_like_hub_id,
+    read_hf_config,
+    read_hf_weights,
+    wrong_shape,
+)
 
 Tensor = torch.Tensor
 
-CONFIG_FILE = "config.json"
-WEIGHT_FILES: tuple[str, ...] = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-"""Weight files of a Hugging Face model folder, in the order they are preferred."""
-
 ESM2_VOCAB_SIZE = 33
 ESM2_LAYER_NORM_EPS = 1e-5
-ROTARY_THETA = 10000.0
-
-_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # HF name (after the optional "esm." prefix) of each per-layer fair-esm parameter.
 _LAYER_MAP: dict[str, str] = {
@@ -118,16 +99,11 @@ _IGNORED = re.compile(
 _TIED_DECODER_BIAS = "lm_head.decoder.bias"  # some saves repeat lm_head.bias here
 
 
-# --------------------------------------------------------------------------------------
-# Public API
-# --------------------------------------------------------------------------------------
-
-
 def read_hf_esm2(path_or_hub_id: str | os.PathLike[str]) -> dict[str, Any]:
     """An HF-layout ESM2 (folder, file in it, or cached hub id) in fair-esm's checkpoint layout.
 
     Returns ``{"model": {official name: tensor}, "cfg": {"model": Namespace(...)}}``, what
-    ``esm.pretrained.load_model_and_alphabet_core`` (and ``models._build``) consume.
+    ``esm.pretrained.load_model_and_alphabet_core`` (and `fair_esm.build_module`) consume.
     """
     folder = resolve_hf_folder(path_or_hub_id)
     config = read_hf_config(folder)
@@ -142,62 +118,22 @@ def is_hf_esm2_dir(path: str | os.PathLike[str]) -> bool:
     Never raises: it is meant for choosing a backend from what ``--model_path`` points at.
     """
     folder = Path(path).expanduser()
-    if not folder.is_dir() or _weights_file(folder) is None:
+    if not folder.is_dir() or find_weights_file(folder) is None:
         return False
     try:
-        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_hf_config(folder).get("model_type") == "esm"
+    except ModelError:
         return False
-    return isinstance(config, dict) and config.get("model_type") == "esm"
-
-
-def looks_like_hub_id(text: str | os.PathLike[str]) -> bool:
-    """Whether `text` reads as ``org/name`` and is not an existing path."""
-    return isinstance(text, str) and bool(_HUB_ID.match(text)) and not Path(text).exists()
-
-
-def hf_cache_dir() -> Path:
-    """The HF hub cache, resolved as huggingface_hub does: HF_HUB_CACHE, the older
-    HUGGINGFACE_HUB_CACHE, HF_HOME/hub, then XDG_CACHE_HOME or ~/.cache + huggingface/hub."""
-    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(variable):
-            return Path(os.environ[variable]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return Path(xdg).expanduser() / "huggingface" / "hub"
-
-
-def find_in_hf_cache(hub_id: str, *, revision: str = "main") -> Path:
-    """The snapshot folder of `hub_id` in the local HF cache; a `ModelError` when absent.
-
-    `revision` is a branch/tag name (resolved through ``refs/``) or a commit hash. Nothing
-    is downloaded: this tool works offline, so a missing model is an error saying how to
-    get it there.
-    """
-    cache = hf_cache_dir()
-    repo = cache / f"models--{hub_id.replace('/', '--')}"
-    snapshot = _snapshot(repo, revision)
-    if snapshot is None:
-        raise ModelError(
-            f"{hub_id} (revision {revision}) is not in the local Hugging Face cache {cache}; "
-            f"nothing is downloaded: run `hf download {hub_id}` where there is network "
-            f"(set HF_HOME or HF_HUB_CACHE to that cache) or pass its folder with --model_path"
-        )
-    return snapshot
 
 
 def resolve_hf_folder(path_or_hub_id: str | os.PathLike[str]) -> Path:
     """The model folder behind a folder, a weights/config file inside one, or a hub id."""
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir():
-        return path
-    if path.is_file():
-        return path.parent
-    if looks_like_hub_id(path_or_hub_id):
-        return find_in_hf_cache(str(path_or_hub_id))
-    raise ModelError(f"Hugging Face model not found: {path} is neither a folder nor a hub id "
-                     f"like facebook/esm2_t33_650M_UR50D")
+    found = locate(path_or_hub_id)
+    if found is None:
+        path = Path(path_or_hub_id).expanduser()
+        raise ModelError(f"Hugging Face model not found: {path} is neither a folder nor a "
+                         f"hub id like facebook/esm2_t33_650M_UR50D")
+    return found.parent if found.is_file() else found
 
 
 def hf_model_name(path_or_hub_id: str | os.PathLike[str]) -> str:
@@ -213,165 +149,15 @@ def hf_model_name(path_or_hub_id: str | os.PathLike[str]) -> str:
     return folder.resolve().name
 
 
-def read_hf_config(folder: Path) -> dict[str, Any]:
-    """The folder's ``config.json`` as a dict; a `ModelError` when missing or not JSON."""
-    path = folder / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"cannot load {folder}: no {CONFIG_FILE} (a Hugging Face model "
-                         f"folder needs config.json next to its weights)") from None
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load {path}: not a readable JSON config ({exc})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"cannot load {path}: not a JSON object")
-    return config
-
-
-def read_hf_weights(folder: Path) -> dict[str, Tensor]:
-    """Every tensor of the folder's weights (single file or shards), by its stored name."""
-    weights = _weights_file(folder)
-    if weights is None:
-        names = ", ".join(WEIGHT_FILES)
-        raise ModelError(f"cannot load {folder}: no weights file (expected one of {names})")
-    if weights.name.endswith(".index.json"):
-        return _read_sharded(weights)
-    return read_weights_file(weights)
-
-
-def read_weights_file(path: Path) -> dict[str, Tensor]:
-    """One ``.safetensors`` file, or a torch-saved state dict read with weights_only=True."""
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        why = (f"it pickles {found.group(1)}, which weights-only loading refuses" if found
-               else "not a readable checkpoint")
-        raise ModelError(f"cannot load {path}: {why}") from None
-    except Exception as exc:  # a corrupt file fails anywhere in the unpickler
-        why = f"not a readable checkpoint ({_first_line(exc)})"
-        raise ModelError(f"cannot load {path}: {why}") from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ModelError(f"cannot load {path}: not a state dict of tensors")
-    return dict(state)
-
-
-def read_safetensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """All tensors of a ``.safetensors`` file (format: u64-LE header size, JSON header, data).
-
-    Each tensor is read into its own buffer, so nothing stays tied to the open file.
-    """
-    path = Path(path)
-    if sys.byteorder != "little":
-        raise ModelError(f"cannot load {path}: safetensors reading needs a little-endian CPU")
-    try:
-        with path.open("rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            header, base = _safetensors_header(file, size, path)
-            return {name: _read_tensor(file, name, info, base, size, path)
-                    for name, info in header.items() if name != "__metadata__"}
-    except OSError as exc:
-        raise ModelError(f"cannot load {path}: {exc.strerror or exc}") from None
-
-
-# --------------------------------------------------------------------------------------
-# Files and the cache
-# --------------------------------------------------------------------------------------
-
-
-def _weights_file(folder: Path) -> Path | None:
-    """The preferred weights file of an HF folder, or None."""
-    for name in WEIGHT_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def _read_sharded(index: Path) -> dict[str, Tensor]:
-    """Merge the shards an ``*.index.json`` names; every key of its weight_map must appear."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise ModelError(f"cannot load {index}: not a shard index with a weight_map") from None
-    state: dict[str, Tensor] = {}
-    for shard in shards:
-        shard_path = index.parent / shard
-        if not shard_path.is_file():
-            raise ModelError(f"cannot load {index}: shard {shard} is missing "
-                             f"(incomplete download?)")
-        state.update(read_weights_file(shard_path))
-    absent = sorted(set(weight_map) - set(state))
-    if absent:
-        raise ModelError(f"cannot load {index}: {_some(absent)} listed but in no shard")
-    return state
-
-
-def _safetensors_header(file: Any, size: int, path: Path) -> tuple[dict[str, Any], int]:
-    """The parsed JSON header and the offset where the data buffer starts."""
-    prefix = file.read(8)
-    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-    if length < 2 or length > min(size - 8, _MAX_HEADER_BYTES):
-        raise ModelError(f"cannot load {path}: not a safetensors file (bad header size)")
-    try:
-        header = json.loads(file.read(length))
-    except (ValueError, UnicodeDecodeError):
-        why = "not a safetensors file (header is not JSON)"
-        raise ModelError(f"cannot load {path}: {why}") from None
-    if not isinstance(header, dict):
-        raise ModelError(f"cannot load {path}: not a safetensors file (header is not an object)")
-    return header, 8 + length
-
-
-def _read_tensor(file: Any, name: str, info: Any, base: int, size: int, path: Path) -> Tensor:
-    """One tensor described by its header entry {dtype, shape, data_offsets}."""
-    try:
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        shape = [int(n) for n in info["shape"]]
-        begin, end = (int(n) for n in info["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        why = f"bad or unsupported header entry for {name}"
-        raise ModelError(f"cannot load {path}: {why}") from None
-    nbytes = math.prod(shape) * dtype.itemsize
-    if end - begin != nbytes or begin < 0 or base + end > size:
-        raise ModelError(f"cannot load {path}: tensor {name} lies outside the file (truncated?)")
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    buffer = bytearray(nbytes)
-    file.seek(base + begin)
-    if file.readinto(buffer) != nbytes:
-        raise ModelError(f"cannot load {path}: file ends inside tensor {name} (truncated?)")
-    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
-
-
-def _snapshot(repo: Path, revision: str) -> Path | None:
-    """The cache snapshot of `revision` (refs/<name> -> commit, or a commit itself); for
-    "main" without refs (a cache copied by hand), the only snapshot there is."""
-    ref = repo / "refs" / revision
-    commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else revision
-    snapshot = repo / "snapshots" / commit
-    if snapshot.is_dir():
-        return snapshot
-    if revision == "main" and not ref.exists() and (repo / "snapshots").is_dir():
-        found = [path for path in (repo / "snapshots").iterdir() if path.is_dir()]
-        return found[0] if len(found) == 1 else None
-    return None
-
-
-# --------------------------------------------------------------------------------------
-# The key map
-# --------------------------------------------------------------------------------------
-
-
+@dataclass(frozen=True, slots=True)
 class _Dims:
     """The architecture facts fair-esm needs, read from an ESM2 ``config.json``."""
 
-    def __init__(self, layers: int, embed_dim: int, heads: int, token_dropout: bool,
-                 rope_theta: float) -> None:
-        self.layers, self.embed_dim, self.heads = layers, embed_dim, heads
-        self.token_dropout, self.rope_theta = token_dropout, rope_theta
+    layers: int
+    embed_dim: int
+    heads: int
+    token_dropout: bool
+    rope_theta: float
 
     @property
     def head_dim(self) -> int:
@@ -385,8 +171,7 @@ class _Dims:
 
     def default_inv_freq(self) -> Tensor:
         """Unrounded rotary frequencies (fair-esm's formula), only for files without any."""
-        exponent = torch.arange(0, self.head_dim, 2).float() / self.head_dim  # (D/2,)
-        return 1.0 / (self.rope_theta ** exponent)
+        return rotary_inv_freq(self.head_dim, self.rope_theta)  # (D/2,)
 
 
 def _esm2_dims(config: Mapping[str, Any], folder: Path) -> _Dims:
@@ -416,15 +201,7 @@ def _esm2_dims(config: Mapping[str, Any], folder: Path) -> _Dims:
     for ok, why in checks:
         if not ok:
             raise refuse(why)
-    return _Dims(layers, embed, heads, bool(config.get("token_dropout", True)), _rope_theta(config))
-
-
-def _rope_theta(config: Mapping[str, Any]) -> float:
-    """The rotary base: ``rope_parameters.rope_theta`` (transformers 5), ``rope_theta``, 1e4."""
-    parameters = config.get("rope_parameters")
-    if isinstance(parameters, Mapping) and "rope_theta" in parameters:
-        return float(parameters["rope_theta"])
-    return float(config.get("rope_theta", ROTARY_THETA))
+    return _Dims(layers, embed, heads, bool(config.get("token_dropout", True)), rope_theta(config))
 
 
 def _to_official(state: Mapping[str, Tensor], dims: _Dims, folder: Path) -> dict[str, Tensor]:
@@ -442,7 +219,8 @@ def _to_official(state: Mapping[str, Tensor], dims: _Dims, folder: Path) -> dict
         elif name:
             body[name] = value.float() if name.endswith(".inv_freq") else value
     if unknown:
-        raise ModelError(f"cannot load {folder}: unexpected weights for an ESM2 ({_some(unknown)})")
+        raise ModelError(f"cannot load {folder}: unexpected weights for an ESM2 "
+                         f"({name_some(unknown)})")
     _fill_rotary(body, shared_inv_freq, dims)
     _fill_lm_head(body)
     _check_complete(body, dims, folder)
@@ -526,32 +304,18 @@ def _expected_shapes(dims: _Dims) -> dict[str, tuple[int, ...]]:
 def _check_complete(body: Mapping[str, Tensor], dims: _Dims, folder: Path) -> None:
     """Same keys and shapes as the ESM2 config.json describes, or one-line errors."""
     expected = _expected_shapes(dims)
-    missing = [name for name in expected if name not in body]
-    extra = [name for name in body if name not in expected]
+    missing, extra = compare_keys(body, expected)
     if missing or extra:
-        what = (f"missing {_some(missing)}" if missing
-                else f"weights beyond config.json ({_some(extra)})")
+        what = (f"missing {name_some(missing)}" if missing
+                else f"weights beyond config.json ({name_some(extra)})")
         raise ModelError(f"cannot load {folder}: {what} for the {dims.layers}-layer ESM2 "
                          f"that config.json describes")
-    for name, shape in expected.items():
-        if tuple(body[name].shape) != shape:
-            raise ModelError(f"cannot load {folder}: {name} has shape {tuple(body[name].shape)}, "
-                             f"config.json implies {shape}")
+    if found := wrong_shape(body, expected):
+        name, shape, implied = found
+        raise ModelError(f"cannot load {folder}: {name} has shape {shape}, "
+                         f"config.json implies {implied}")
 
 
 def _official_key(name: str) -> str:
     """fairseq's prefix: the LM head sits under encoder., the rest under the sentence encoder."""
     return f"encoder.{name}" if name.startswith("lm_head.") else f"encoder.sentence_encoder.{name}"
-
-
-def _some(names: Iterable[str], limit: int = 3) -> str:
-    """A few names and how many more, so a message stays one line."""
-    names = list(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__

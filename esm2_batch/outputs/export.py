@@ -34,9 +34,16 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from esm2_batch.errors import InputError, StoreError
-from esm2_batch.sources.gene_lists import is_ensembl_gene_id
-from esm2_batch.store.esm_file import EsmFile, atomic_save, atomic_write, read_esm_file
+from esm2_batch.errors import InputError, name_some
+from esm2_batch.records import is_ensembl_gene_id
+from esm2_batch.store.atomic import atomic_save, atomic_write
+from esm2_batch.store.esm_file import (
+    GENE_POOLINGS,
+    EsmFile,
+    GeneVectors,
+    gene_vectors,
+    read_esm_file,
+)
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -48,91 +55,11 @@ __all__ = [
     "gene_vectors",
 ]
 
-GENE_POOLINGS = ("canonical", "mean")
 EXPORT_FORMATS = ("saturn", "npz", "parquet")
-GenePooling = Literal["canonical", "mean"]
 ExportFormat = Literal["saturn", "npz", "parquet"]
 KeyCase = Literal["upper", "as_is"]
 _SUFFIX_FORMATS = {".pt": "saturn", ".pth": "saturn", ".npz": "npz", ".parquet": "parquet"}
 _PARQUET_HINT = "pip install 'esm2-batch[parquet]' (pyarrow), or use --format npz"
-
-
-# ------------------------------------------------------------------------- pooling
-
-
-@dataclass(frozen=True)
-class GeneVectors:
-    """One pooled vector per gene, aligned with `genes`.
-
-    `protein_ids[i]` is the ENSP of gene i's first row: its canonical isoform whenever the
-    canonical has a sequence (otherwise the longest), whatever the pooling; None without
-    protein. `in_file[i]` is False for a gene the file does not list at all.
-    """
-
-    genes: tuple[str, ...]
-    matrix: torch.Tensor  # [G, E] float32, zero rows where has_protein is False
-    has_protein: torch.Tensor  # [G] bool
-    protein_ids: tuple[str | None, ...]
-    n_isoforms: tuple[int, ...]
-    in_file: tuple[bool, ...]
-    gene_pooling: str
-
-
-def gene_vectors(esm: EsmFile, genes: Sequence[str] | None = None, *,
-                 gene_pooling: str = "canonical") -> GeneVectors:
-    """Pool each gene's isoform rows into one float32 vector (default: the file's genes).
-
-    Raises InputError for an unknown pooling, StoreError for non-finite values in the
-    rows used (a NaN vector would poison every model that reads it).
-    """
-    check_gene_pooling(gene_pooling)
-    names = list(esm.genes if genes is None else _as_names(genes))
-    found = esm.match_rows(names)
-    rows = [r or [] for r in found]
-    chosen = [r[:1] if gene_pooling == "canonical" else r for r in rows]
-    matrix = _mean_rows(esm.emb, chosen)  # [G, E] float32
-    _check_finite(matrix, names)
-    return GeneVectors(
-        genes=tuple(names), matrix=matrix,
-        has_protein=torch.tensor([bool(r) for r in rows], dtype=torch.bool),
-        protein_ids=tuple(esm.protein_ids[r[0]] if r else None for r in rows),
-        n_isoforms=tuple(len(r) for r in rows),
-        in_file=tuple(f is not None for f in found), gene_pooling=gene_pooling)
-
-
-def check_gene_pooling(gene_pooling: str) -> None:
-    """One-line error for --gene_pooling, shared by the exporters and the h5ad writer."""
-    if gene_pooling not in GENE_POOLINGS:
-        raise InputError(f"gene pooling must be one of {', '.join(GENE_POOLINGS)}; got "
-                         f"{gene_pooling!r}")
-
-
-def _mean_rows(emb: torch.Tensor, chosen: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Average the chosen rows of emb [R, E] per gene -> [G, E] float32; [] gives zeros.
-
-    The same operations as nn._mean_rows (index_add in float32, divide by the count), so a
-    canonical row is the file's float16 value cast exactly and means agree to the bit.
-    """
-    dst = torch.tensor([g for g, rows in enumerate(chosen) for _ in rows], dtype=torch.long)
-    src = torch.tensor([r for rows in chosen for r in rows], dtype=torch.long)
-    out = torch.zeros(len(chosen), emb.shape[1], dtype=torch.float32)  # [G, E]
-    out.index_add_(0, dst, emb[src].float())
-    counts = torch.bincount(dst, minlength=len(chosen)).clamp(min=1)  # [G]
-    return out / counts.unsqueeze(1).to(out.dtype)
-
-
-def _check_finite(matrix: torch.Tensor, genes: Sequence[str]) -> None:
-    bad = (~torch.isfinite(matrix).all(dim=1)).nonzero().flatten().tolist()
-    if bad:
-        names = ", ".join(genes[i] for i in bad[:5])
-        raise StoreError(f"non-finite ESM values for {len(bad)} genes ({names}); re-embed "
-                         "them (rerun esm2-batch with --overwrite)")
-
-
-def _as_names(genes: Sequence[str]) -> list[str]:
-    if isinstance(genes, str):
-        raise InputError(f"genes must be a list of gene names, not the string {genes!r}")
-    return [str(g) for g in genes]
 
 
 # ------------------------------------------------------------------------- symbols
@@ -178,7 +105,7 @@ class ExportResult:
                              ("Ensembl IDs without a symbol (left out)", self.without_symbol),
                              ("symbols already taken (left out)", self.duplicate_keys)):
             if names:
-                lines.append(f"{label}: {len(names)} ({_some(names)})")
+                lines.append(f"{label}: {len(names)} ({name_some(names)})")
         if self.without_symbol:
             lines.append("  the file records no symbol for these IDs (meta['symbols']); pass "
                          "symbols= (e.g. H5adGenes.symbol_map()) or re-run esm2-batch")
@@ -307,7 +234,7 @@ def _write_npz(out: Path, table: _Table, meta: dict[str, Any]) -> None:
         "vectors": table.vectors,
         "meta": np.array(json.dumps(meta, sort_keys=True)),
     }
-    atomic_write(out, lambda handle: np.savez(handle, **arrays))
+    atomic_write(out, lambda handle: np.savez(handle, allow_pickle=False, **arrays))
 
 
 def _write_parquet(out: Path, table: _Table, meta: dict[str, Any]) -> None:
@@ -333,7 +260,3 @@ def _import_pyarrow() -> tuple[Any, Any]:
         raise InputError(f"--format parquet needs pyarrow: {_PARQUET_HINT}") from exc
     return pa, pq
 
-
-def _some(names: Sequence[str], limit: int = 5) -> str:
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more

@@ -1,4 +1,5 @@
-"""The embedding stage on a Ray cluster (optional extra `[ray]`).
+"""The embedding stage on a Ray cluster (optional extra `[ray]`): `RayStage` implements
+run/stages.py's EmbedStage protocol, so gene mode and FASTA mode run on Ray unchanged.
 
 Why Ray Data rather than a home-made scheduler: it already places actors on GPUs,
 restarts dead ones, and streams results back with backpressure. What stays ours:
@@ -7,9 +8,13 @@ restarts dead ones, and streams results back with backpressure. What stays ours:
 - Sequences are sorted by length on the driver and cut into row batches of similar
   length; each actor (one model load, `num_gpus=1`, or a share of the CPUs) packs its
   rows into token-budget batches with `iter_embeddings`, as the single-process path.
-- Actors return rows; the driver consumes them with `iter_batches` and writes them
+- Actors return float32 rows, as the in-process stage does (the sink decides what it
+  stores); the driver consumes them with `iter_batches` and writes them
   through the project's resumable store (atomic chunks), so resume, atomicity and
   ordering stay one mechanism (Ray's write_parquet is neither atomic nor idempotent).
+- `--ray local` starts a one-machine cluster listening on 127.0.0.1 only, with Ray's token
+  authentication off (nothing off this machine can reach it); joining an existing cluster
+  uses the user's own Ray settings untouched.
 - Guards instead of hangs: asking for GPUs on a cluster without any, and an actor pool
   that cannot start (`wait_for_min_actors_s`), are errors, not silent waits.
 """
@@ -20,19 +25,23 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from esm2_batch.embedding.embed import iter_embeddings
-from esm2_batch.errors import InputError, ModelError
+from esm2_batch.embedding.embed import embed_rows
+from esm2_batch.embedding.options import EmbedOptions
+from esm2_batch.errors import InputError, ModelError, first_line
+from esm2_batch.models import Engine, LoadedModel
+from esm2_batch.run.stages import Named, PendingSequences, RowSink, StageOptions
 
 log = logging.getLogger("esm2_batch.ray")
 
-RowSink = Callable[[list[str], torch.Tensor], None]
-FailureSink = Callable[[str, str, str], None]
+RowCallback = Callable[[list[str], torch.Tensor], None]
+FailureCallback = Callable[[str, str, str], None]
 
 
 @dataclass(frozen=True)
@@ -42,12 +51,11 @@ class RayOptions:
     address: str = "local"
     actors: int | None = None
     device: str | None = None
-    engine: str = "fast"
+    engine: Engine = "fast"
     backend: str = "auto"
     rows_per_task: int = 64
     local_cpus: int | None = None
     start_timeout_s: float = 120.0
-    embed_options: dict[str, Any] = field(default_factory=dict)
 
 
 def import_ray() -> Any:
@@ -64,20 +72,26 @@ def connect(options: RayOptions) -> Any:
     ray = import_ray()
     if ray.is_initialized():
         return ray
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     try:
         if options.address == "local":
-            ray.init(num_cpus=options.local_cpus, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+            _start_local(ray, options)
         else:
             address = None if options.address == "auto" else options.address
             ray.init(address=address or "auto", log_to_driver=False,
                      configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise InputError(f"cannot reach the Ray cluster at {options.address!r} "
-                         f"({str(exc).splitlines()[0]}); start one with 'ray start --head' "
+                         f"({first_line(exc)}); start one with 'ray start --head' "
                          "or use --ray local") from exc
     return ray
+
+
+def _start_local(ray: Any, options: RayOptions) -> None:
+    """A cluster of this process alone: bound to loopback, so token authentication (which
+    a fresh machine has no token for) can be off; a user's own RAY_AUTH_MODE wins."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=options.local_cpus, include_dashboard=False, log_to_driver=False,
+             configure_logging=False, _node_ip_address="127.0.0.1")
 
 
 def check_cluster(options: RayOptions) -> tuple[int, dict[str, float]]:
@@ -100,28 +114,27 @@ def actor_resources(ray: Any, options: RayOptions) -> tuple[int, dict[str, float
 
 
 class EmbedActor:
-    """A Ray actor: loads the model once, embeds row batches under the token budget."""
+    """A Ray actor: loads the model once, embeds row batches under the token budget and
+    returns float32 rows (what the in-process stage hands its sink)."""
 
-    def __init__(self, model: str, device: str | None, threads: int,
-                 embed_options: dict[str, Any], engine: str = "fast",
-                 backend: str = "auto") -> None:
+    def __init__(self, model: str, options: RayOptions, embed: EmbedOptions,
+                 threads: int) -> None:
         from esm2_batch.models import load_model
 
         torch.set_num_threads(max(1, threads))
-        self.model = load_model(model, device=device, engine=engine,  # type: ignore[arg-type]
-                                backend=backend)
-        self.options = embed_options
+        self.model = load_model(model, device=options.device, engine=options.engine,
+                                backend=options.backend)
+        self.embed = embed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names, seqs = list(batch["name"]), list(batch["seq"])
-        emb = np.zeros((len(seqs), self.model.embed_dim), dtype=np.float16)
+        emb = np.zeros((len(seqs), self.model.embed_dim), dtype=np.float32)
         errors = [""] * len(seqs)
-        for result in iter_embeddings(self.model, list(zip(names, seqs, strict=True)),
-                                      **self.options):
+        for result in embed_rows(self.model, list(zip(names, seqs, strict=True)), self.embed):
             if result.row is None:
                 errors[result.index] = str(result.error)
             else:
-                emb[result.index] = result.row.to(torch.float16).numpy()
+                emb[result.index] = result.row.to(torch.float32).numpy()
         return {"key": batch["key"], "name": batch["name"], "emb": emb,
                 "error": np.array(errors, dtype=object)}
 
@@ -135,7 +148,8 @@ class RayStats:
 
 
 def embed_on_ray(items: Sequence[tuple[str, str, str]], *, model: str, options: RayOptions,
-                 on_rows: RowSink, on_failure: FailureSink) -> RayStats:
+                 embed: EmbedOptions, on_rows: RowCallback,
+                 on_failure: FailureCallback) -> RayStats:
     """Embed (key, name, sequence) items on Ray; rows and failures go to the sinks."""
     stats = RayStats()
     if not items:
@@ -154,9 +168,8 @@ def embed_on_ray(items: Sequence[tuple[str, str, str]], *, model: str, options: 
     embedded = dataset.map_batches(
         EmbedActor, batch_size=options.rows_per_task, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
-        fn_constructor_kwargs={"model": model, "device": options.device,
-                               "threads": threads, "embed_options": options.embed_options,
-                               "engine": options.engine, "backend": options.backend},
+        fn_constructor_kwargs={"model": model, "options": options, "embed": embed,
+                               "threads": threads},
         **reserve)
     start = time.perf_counter()
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
@@ -165,7 +178,7 @@ def embed_on_ray(items: Sequence[tuple[str, str, str]], *, model: str, options: 
     return stats
 
 
-def _consume(batch: dict[str, np.ndarray], on_rows: RowSink, on_failure: FailureSink,
+def _consume(batch: dict[str, np.ndarray], on_rows: RowCallback, on_failure: FailureCallback,
              stats: RayStats) -> None:
     ok = [i for i, error in enumerate(batch["error"]) if not error]
     for i in (i for i, error in enumerate(batch["error"]) if error):
@@ -185,3 +198,57 @@ def shutdown() -> None:
         return
     if ray.is_initialized():
         ray.shutdown()
+
+
+class RayStage(PendingSequences):
+    """The embedding stage on Ray: sequences are collected while the driver fetches, then
+    the distinct pending ones run on Ray actors and stream back into the sink."""
+
+    def __init__(self, model: LoadedModel, sink: RowSink, options: EmbedOptions,
+                 stage: StageOptions, *, model_source: str, device: str | None) -> None:
+        super().__init__(model, sink, options, progress=stage.progress)
+        self.ray = RayOptions(address=stage.ray or "local", actors=stage.ray_actors,
+                              device=device, engine=model.engine,
+                              backend=model.backend)
+        self.model_source = portable_model(model_source)
+        self.stats: RayStats | None = None
+
+    def start(self) -> None:
+        """Join the cluster and check its resources now, before any fetching."""
+        check_cluster(self.ray)
+
+    def submit(self, items: Sequence[Named]) -> None:
+        self._add(items)
+
+    def full(self) -> bool:
+        return False
+
+    def wait_for_room(self) -> None:
+        """Never full: sequences wait in memory until finish()."""
+
+    def raise_error(self) -> None:
+        """Errors surface from finish() directly."""
+
+    def stop(self) -> None:
+        self._bar.close()
+
+    def finish(self) -> None:
+        pending = self._take_pending()
+        lengths = {key: len(seq) for key, (_, seq) in pending}
+
+        def on_rows(keys: list[str], rows: torch.Tensor) -> None:
+            self._persist(keys, rows, [lengths[k] for k in keys])
+
+        def on_failure(key: str, name: str, error: str) -> None:
+            self._fail(key, name, error, lengths[key])
+
+        self.stats = embed_on_ray([(key, name, seq) for key, (name, seq) in pending],
+                                  model=self.model_source, options=self.ray,
+                                  embed=self.options, on_rows=on_rows, on_failure=on_failure)
+        self.busy_s = self.stats.wall_s
+
+
+def portable_model(model: str) -> str:
+    """A checkpoint path made absolute, since Ray workers may run elsewhere."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model

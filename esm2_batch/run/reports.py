@@ -1,5 +1,13 @@
-"""Why a query did not resolve, in words a single-cell researcher can act on.
+"""What a run reports: the summary, and the side files written next to esm_all.pt.
 
+    esm_all.not_found.txt    queries no source knew, one per line
+    esm_all.unresolved.tsv   every query without a vector, with its likely reason
+    esm_all.failed.tsv       protein ID and error of sequences that could not be embedded
+    --save_isoforms FILE     the isoforms used, as FASTA
+
+A side file with nothing to say is removed, so its presence alone means "look here".
+
+Why a query did not resolve, in words a single-cell researcher can act on:
 A gene list from a 2016 Seurat object, a mouse list run as human, a spreadsheet that
 turned SEPT7 into a date: each leaves genes without a vector, and "not found" alone does
 not say which fix applies. `likely_reason` reads the query's shape and its status;
@@ -16,18 +24,25 @@ import csv
 import io
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-from esm2_batch.records import GeneIsoforms
-from esm2_batch.sources.gene_lists import is_ensembl_gene_id, strip_version
+from esm2_batch.records import GeneIsoforms, is_ensembl_gene_id, strip_version
+from esm2_batch.sources.isoforms_fasta import write_isoforms_fasta
+from esm2_batch.store.atomic import atomic_text
+from esm2_batch.store.esm_file import EsmFile
+from esm2_batch.store.partial import sequence_key
 
 __all__ = [
     "REPORT_COLUMNS",
+    "RunSummary",
     "case_insensitive_matches",
     "likely_reason",
     "unresolved_report_path",
     "unresolved_rows",
+    "write_side_files",
     "write_unresolved_report",
 ]
 
@@ -194,9 +209,7 @@ def write_unresolved_report(path: str | os.PathLike[str], genes: Iterable[GeneIs
     writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
     writer.writerow(REPORT_COLUMNS)
     writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buffer.getvalue(), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_text(path, buffer.getvalue())
     return path
 
 
@@ -205,3 +218,105 @@ def case_insensitive_matches(genes: Iterable[GeneIsoforms]) -> list[tuple[str, s
     return [(g.query, g.symbol) for g in genes
             if g.symbol and g.status != "not_found" and not is_ensembl_gene_id(g.query)
             and g.query != g.symbol and g.query.casefold() == g.symbol.casefold()]
+
+
+# -- the run summary -------------------------------------------------------------------------
+class StageCounts(Protocol):
+    """What the summary reads from an embedding stage (run/stages.py)."""
+
+    failed: dict[str, tuple[str, str]]
+    embedded: int
+    tokens: int
+    busy_s: float
+
+
+@dataclass
+class RunSummary:
+    """What a run did, for the closing report and for callers."""
+
+    out: Path
+    genes_in: int = 0
+    duplicates: list[str] = field(default_factory=list)
+    resolved: int = 0
+    no_protein: list[str] = field(default_factory=list)
+    not_found: list[str] = field(default_factory=list)
+    isoforms: int = 0
+    distinct_sequences: int = 0
+    embedded_now: int = 0
+    reused_rows: int = 0
+    tokens: int = 0
+    failed: list[str] = field(default_factory=list)
+    missing_sequences: list[str] = field(default_factory=list)
+    fetch_s: float = 0.0
+    embed_s: float = 0.0
+    wall_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.embed_s if self.embed_s > 0 else 0.0
+
+    @property
+    def not_found_path(self) -> Path:
+        return self.out.with_name(self.out.stem + ".not_found.txt")
+
+    def lines(self) -> list[str]:
+        return [
+            *self.notes,
+            f"genes in: {self.genes_in} ({len(self.duplicates)} duplicates dropped)",
+            f"resolved: {self.resolved}, without protein: {len(self.no_protein)}, "
+            f"not found: {len(self.not_found)}",
+            f"isoforms: {self.isoforms}, distinct sequences: {self.distinct_sequences} "
+            f"({self.embedded_now} embedded now, {self.reused_rows} rows reused)",
+            f"tokens embedded: {self.tokens}, failed sequences: {len(self.failed)}",
+            f"wall: fetch {self.fetch_s:.1f} s, embed {self.embed_s:.1f} s, "
+            f"total {self.wall_s:.1f} s; {self.tokens_per_s:.0f} tokens/s",
+            f"wrote {self.out}",
+        ]
+
+    def count(self, genes: Sequence[str], chosen: Mapping[str, GeneIsoforms],
+              reused: EsmFile | None, stage: StageCounts) -> None:
+        """Tally statuses (fresh records first, else what the reused file recorded)."""
+        old_status = reused.meta.get("status", {}) if reused is not None else {}
+        for query in genes:
+            gene = chosen.get(query)
+            status = gene.status if gene is not None else old_status.get(query, "ok")
+            if gene is None and reused is not None:
+                self.reused_rows += len(reused.rows_of(query))
+            if status == "ok":
+                self.resolved += 1
+            elif status == "no_protein":
+                self.no_protein.append(query)
+            else:
+                self.not_found.append(query)
+            if gene is not None:
+                self.missing_sequences += list(gene.missing_protein_ids)
+        self.distinct_sequences = len({sequence_key(i.sequence) for g in chosen.values()
+                                       for i in g.isoforms})
+        self.embedded_now, self.tokens, self.embed_s = stage.embedded, stage.tokens, stage.busy_s
+        self.failed = sorted(name for name, _ in stage.failed.values())
+
+
+def write_side_files(out: Path, chosen: Mapping[str, GeneIsoforms], summary: RunSummary,
+                     failed: Mapping[str, tuple[str, str]], written: EsmFile, *,
+                     species: str, save_isoforms: Path | None) -> None:
+    """not_found list, the unresolved report and failures next to `out`; --save_isoforms."""
+    write_list(summary.not_found_path, summary.not_found)
+    status = written.meta.get("status", {})
+    gene_ids = written.meta.get("gene_ids", {})
+    unresolved = [chosen.get(q) or GeneIsoforms(q, gene_ids.get(q), None, (), status[q])
+                  for q in written.genes if status.get(q, "ok") != "ok"]
+    write_unresolved_report(unresolved_report_path(out), unresolved, species=species)
+    write_list(out.with_name(out.stem + ".failed.tsv"),
+               sorted(f"{name}\t{error}" for name, error in failed.values()))
+    if save_isoforms is not None:
+        write_isoforms_fasta(save_isoforms, chosen.values())
+
+
+def write_list(path: Path, lines: Iterable[str]) -> None:
+    """One item per line, atomically; no items removes a stale file instead."""
+    items = list(lines)
+    if items:
+        atomic_text(path, "\n".join(items) + "\n")
+    else:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,10 @@
+"""Where genes and isoforms come from.
+
+    base.py            IsoformSource protocol, SourceOptions, open_source
+    gene_lists.py      txt/csv/tsv gene lists: IDs vs symbols, dedupe
+    h5ad_genes.py      the highly variable genes of an .h5ad (var only, never X)
+    ensembl_rest/      Ensembl REST: client.py, transport.py, parse.py (async, rate-limited)
+    ensembl_files.py   Ensembl's pep.all.fa.gz + canonical.tsv.gz, offline
+    isoforms_fasta.py  the --isoforms / --save_isoforms FASTA
+    fasta.py           the one FASTA reader
+"""

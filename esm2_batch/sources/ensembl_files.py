@@ -41,21 +41,20 @@ the lowest ID: deterministic where the server is not specified.
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import re
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO
 
 from esm2_batch.errors import EnsemblUnavailableError, InputError
-from esm2_batch.records import GeneIsoforms
+from esm2_batch.records import GeneIsoforms, is_ensembl_gene_id, query_key, strip_version
+from esm2_batch.sources.base import SourceOptions
 from esm2_batch.sources.ensembl_rest.client import DEFAULT_BIOTYPES
 from esm2_batch.sources.ensembl_rest.parse import (
     GeneRecord,
@@ -64,7 +63,9 @@ from esm2_batch.sources.ensembl_rest.parse import (
     no_protein,
     not_found,
 )
-from esm2_batch.sources.gene_lists import dedupe, is_ensembl_gene_id, query_key, strip_version
+from esm2_batch.sources.fasta import iter_fasta, iter_fasta_headers, open_text
+from esm2_batch.sources.gene_lists import dedupe
+from esm2_batch.store.atomic import atomic_write
 
 __all__ = [
     "FTP_BASE_URL",
@@ -225,18 +226,16 @@ def download_ensembl_files(species: str, release: int,
 
 def _fetch(url: str, path: Path, timeout: float) -> None:
     log.info("downloading %s", url)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as reply:
+
+    def stream(out: BinaryIO) -> None:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
             shutil.copyfileobj(reply, out, length=1 << 20)
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, stream)
     except (urllib.error.URLError, OSError) as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise EnsemblUnavailableError(f"cannot download {url} ({exc}); fetch it by hand into "
                                       f"{path.parent}") from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------- parsing
@@ -261,8 +260,8 @@ class _Header:
 
 
 def _parse_header(line: str) -> _Header:
-    """'>ENSP.v pep chromosome:GRCh38:7:1:2:-1 gene:... description:...' -> fields."""
-    head = line[1:].split(" description:", 1)[0]
+    """'ENSP.v pep chromosome:GRCh38:7:1:2:-1 gene:... description:...' -> fields."""
+    head = line.split(" description:", 1)[0]
     tokens = head.split()
     ident, _, version = tokens[0].partition(".") if tokens else ("", "", "")
     fields: dict[str, str] = {}
@@ -284,45 +283,11 @@ def _location_rank(coord_system: str, region: str) -> int:
     return 0 if coord_system in ("chromosome", "primary_assembly") else 1
 
 
-def _fasta(path: Path) -> Iterator[tuple[str, str]]:
-    """(header line, sequence) of a gzipped FASTA, streamed."""
-    header: str | None = None
-    chunks: list[str] = []
-    with _open_text(path) as handle:
-        for line in handle:
-            if line.startswith(">"):
-                if header is not None:
-                    yield header, "".join(chunks)
-                header, chunks = line.rstrip("\n"), []
-            elif header is not None:
-                chunks.append(line.strip())
-    if header is not None:
-        yield header, "".join(chunks)
-
-
-def _fasta_headers(path: Path) -> Iterator[str]:
-    """Header lines only (ncrna sequences are never needed)."""
-    with _open_text(path) as handle:
-        for line in handle:
-            if line.startswith(">"):
-                yield line.rstrip("\n")
-
-
-def _open_text(path: Path) -> TextIO:
-    """gzip or plain text; one-line InputError for a file that is neither readable."""
-    try:
-        if path.suffix == ".gz":
-            return gzip.open(path, "rt", encoding="utf-8")
-        return open(path, encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc}); download it again") from exc
-
-
 def _read_canonical(path: Path) -> dict[str, tuple[str, str]]:
     """{ENSG: (ENST, ENST version)} from the canonical file (tolerates a header line)."""
     canonical: dict[str, tuple[str, str]] = {}
     try:
-        with _open_text(path) as handle:
+        with open_text(path) as handle:
             for line in handle:
                 cells = line.rstrip("\n").split("\t")
                 if len(cells) < 2 or not cells[0].upper().startswith("ENS"):
@@ -420,7 +385,7 @@ def _read_pep(path: Path, canonical: dict[str, tuple[str, str]],
     canonical_tx = {tx for tx, _ in canonical.values()}
     versions: dict[str, str] = {}
     try:
-        for header, sequence in _fasta(path):
+        for header, sequence in iter_fasta(path):
             parsed = _parse_header(header)
             gene_field, tx_field = parsed.fields.get("gene"), parsed.fields.get("transcript")
             if not gene_field or not tx_field or not parsed.ident:
@@ -451,7 +416,7 @@ def _gene_for(genes: dict[str, _Gene], gene_id: str, header: _Header) -> _Gene:
 def _read_ncrna(path: Path, genes: dict[str, _Gene]) -> None:
     """Genes of the ncrna file not already known: recognised, without translations."""
     try:
-        for header in _fasta_headers(path):
+        for header in iter_fasta_headers(path):
             parsed = _parse_header(header)
             gene_field = parsed.fields.get("gene")
             if gene_field:
@@ -485,3 +450,36 @@ def isoforms_from_files(queries: Iterable[str], files: EnsemblFiles | str | os.P
     found = files if isinstance(files, EnsemblFiles) else find_ensembl_files(
         files, species, release)
     return EnsemblFilesIndex.load(found).isoforms(queries, biotypes=biotypes)
+
+
+@dataclass(frozen=True)
+class EnsemblFilesSource:
+    """An IsoformSource (sources/base.py) over Ensembl's FTP files: offline."""
+
+    index: EnsemblFilesIndex
+    files: EnsemblFiles
+    biotypes: tuple[str, ...]
+
+    @classmethod
+    def open(cls, options: SourceOptions) -> EnsemblFilesSource:
+        """Find and parse the files of --ensembl_files (or the download cache) now."""
+        release = options.ensembl_release
+        directory = options.ensembl_files or ensembl_cache_dir(release or 0)
+        found = find_ensembl_files(directory, options.species, release)
+        return cls(EnsemblFilesIndex.load(found), found, options.biotypes)
+
+    async def stream(self, queries: Sequence[str]) -> AsyncIterator[GeneIsoforms]:
+        for gene in self.index.isoforms(queries, biotypes=self.biotypes):
+            yield gene
+
+    def provenance(self) -> dict[str, str | int]:
+        found: dict[str, str | int] = {"isoform_source": f"ensembl-files:{self.files.pep.parent}"}
+        if self.files.release is not None:
+            found["ensembl_release"] = self.files.release
+        return found
+
+    def describe(self) -> str | None:
+        return f"isoforms from Ensembl files: {self.files.pep}"
+
+    def known_queries(self) -> Sequence[str] | None:
+        return None

@@ -9,15 +9,13 @@ the output file; only deduplication looks through version suffixes.
 from __future__ import annotations
 
 import csv
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from esm2_batch.errors import InputError
+from esm2_batch.records import query_key
 
-# ENSG00000157764, ENSMUSG00000000001, optionally with a .version suffix.
-_GENE_ID = re.compile(r"^ENS[A-Z]{0,6}G\d{11}(?:\.\d+)?$", re.IGNORECASE)
 _GENE_COLUMNS = ("gene_id", "gene_ids", "ensembl_id", "gene", "gene_symbol", "symbol",
                  "gene_name", "feature")
 
@@ -28,22 +26,6 @@ class GeneList:
 
     genes: tuple[str, ...]
     duplicates: tuple[str, ...]
-
-
-def is_ensembl_gene_id(query: str) -> bool:
-    """True for an Ensembl gene stable ID (any species prefix), versioned or not."""
-    return bool(_GENE_ID.match(query))
-
-
-def strip_version(stable_id: str) -> str:
-    """ENSG00000157764.13 -> ENSG00000157764 (a versioned ID only resolves if current)."""
-    head, _, tail = stable_id.partition(".")
-    return head if tail.isdigit() else stable_id
-
-
-def query_key(query: str) -> str:
-    """The identity used for deduplication: IDs without version, upper case."""
-    return strip_version(query).upper() if is_ensembl_gene_id(query) else query
 
 
 def dedupe(queries: Iterable[str]) -> GeneList:

@@ -1,5 +1,5 @@
-"""FASTA in and out: plain protein FASTA (FASTA mode) and the isoform FASTA that
---save_isoforms writes and --isoforms reads, so a run can skip Ensembl entirely.
+"""The isoform FASTA that --save_isoforms writes and --isoforms reads, so a run can skip
+Ensembl entirely (the FASTA reader itself is sources/fasta.py).
 
 Isoform headers carry everything a GeneIsoforms needs::
 
@@ -12,47 +12,14 @@ canonical first, so a hand-edited file still gives the contract's order.
 
 from __future__ import annotations
 
-import gzip
-import os
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from esm2_batch.errors import InputError
 from esm2_batch.records import GeneIsoforms, Isoform, isoform_sort_key
-
-
-def read_fasta(path: str | Path) -> list[tuple[str, str]]:
-    """(header without '>', sequence) pairs in file order; .gz files are read too."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such FASTA file")
-    records: list[tuple[str, str]] = []
-    header: str | None = None
-    chunks: list[str] = []
-    for number, line in enumerate(_lines(path), start=1):
-        if line.startswith(">"):
-            if header is not None:
-                records.append((header, "".join(chunks)))
-            header, chunks = line[1:].strip(), []
-        elif line.strip() and not line.startswith(";"):
-            if header is None:
-                raise InputError(f"{path}:{number}: sequence before the first '>' header; "
-                                 "is this a FASTA file?")
-            chunks.append("".join(line.split()))
-    if header is not None:
-        records.append((header, "".join(chunks)))
-    return records
-
-
-def _lines(path: Path) -> Iterator[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8-sig") as handle:
-            for line in handle:
-                yield line.rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read the FASTA file ({exc})") from exc
+from esm2_batch.sources.fasta import read_fasta
+from esm2_batch.store.atomic import atomic_text
 
 
 def format_header(iso: Isoform, query: str) -> str:
@@ -68,7 +35,7 @@ def write_isoforms_fasta(path: str | Path, genes: Iterable[GeneIsoforms]) -> int
     for gene in genes:
         for iso in gene.isoforms:
             lines += [">" + format_header(iso, gene.query), *_wrap(iso.sequence)]
-    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+    atomic_text(path, "\n".join(lines) + ("\n" if lines else ""))
     return sum(1 for line in lines if line.startswith(">"))
 
 
@@ -100,13 +67,26 @@ def _parse_header(header: str, path: str | Path) -> tuple[str, dict[str, str]]:
     return protein_id, fields
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary name in the same directory, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+@dataclass(frozen=True)
+class IsoformsFastaSource:
+    """An IsoformSource (sources/base.py) over an isoforms FASTA: offline, no Ensembl."""
+
+    path: Path
+    genes: dict[str, GeneIsoforms]
+
+    @classmethod
+    def open(cls, path: str | Path) -> IsoformsFastaSource:
+        return cls(Path(path), {g.query: g for g in read_isoforms_fasta(path)})
+
+    async def stream(self, queries: Sequence[str]) -> AsyncIterator[GeneIsoforms]:
+        for query in queries:
+            yield self.genes.get(query) or GeneIsoforms(query, None, None, (), "not_found")
+
+    def provenance(self) -> dict[str, str | int]:
+        return {"isoform_source": f"fasta:{self.path}"}
+
+    def describe(self) -> str | None:
+        return None
+
+    def known_queries(self) -> Sequence[str] | None:
+        return list(self.genes)

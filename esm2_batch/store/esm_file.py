@@ -1,27 +1,28 @@
-"""The esm_all.pt file (reader, atomic writer) and the resumable partial store.
+"""esm_all.pt: the contract, its reader and writer, and the one gene-pooling rule.
 
 Contract (DESIGN.md): a dict with `emb` (float16 [n_rows, dim]), `genes` (queries in
 input order), `protein_ids` (one per row), `gene_to_isoform_indices` (every gene; [] when
 it has no protein) and `meta`. Only plain types, so it loads with weights_only=True.
+
+Every consumer of the file (nn.load_esm_matrix, the exporters, the .h5ad writer) matches
+gene names with `EsmFile.match_rows` and pools isoforms with `gene_vectors`, so a gene's
+vector is the same bits whichever tool reads it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Literal
 
 import torch
 
-from esm2_batch.errors import InputError, StoreError
-from esm2_batch.records import GeneIsoforms
-from esm2_batch.sources.gene_lists import query_key
+from esm2_batch.errors import InputError, StoreError, name_some
+from esm2_batch.records import GeneIsoforms, query_key
+from esm2_batch.store.atomic import atomic_save
+from esm2_batch.store.partial import sequence_key
 
 REQUIRED_KEYS = ("emb", "genes", "protein_ids", "gene_to_isoform_indices")
 
@@ -53,8 +54,8 @@ class EsmFile:
         """
         index = self.gene_to_isoform_indices
         by_key: dict[str, str] = {}
-        for file_gene in index:
-            by_key.setdefault(query_key(file_gene), file_gene)
+        for key in index:
+            by_key.setdefault(query_key(key), key)
         found: list[list[int] | None] = []
         for gene in genes:
             file_gene = gene if gene in index else by_key.get(query_key(gene))
@@ -62,7 +63,7 @@ class EsmFile:
         return found
 
 
-def read_esm_file(path: str | Path) -> EsmFile:
+def read_esm_file(path: str | os.PathLike[str]) -> EsmFile:
     """Load and validate an esm_all.pt safely (weights_only=True: no code runs)."""
     path = Path(path)
     if not path.is_file():
@@ -91,149 +92,6 @@ def validate(data: object, *, source: str = "esm_all.pt") -> EsmFile:
         raise StoreError(f"{source}: row indices out of range for {bad[:5]}")
     return EsmFile(emb=emb, genes=[str(g) for g in data["genes"]], protein_ids=protein_ids,
                    gene_to_isoform_indices=index, meta=dict(data.get("meta", {})))
-
-
-# -- writing ---------------------------------------------------------------------------------
-# Everything below keeps one promise: a crash at any instant loses nothing that was
-# finished, and never leaves a half-written file under a name that a reader trusts.
-
-SETTINGS_FILE = "settings.json"
-ISOFORMS_FILE = "isoforms.jsonl"
-ROWS_DIR = "rows"
-
-
-def sequence_key(sequence: str) -> str:
-    """Rows are keyed by sequence: identical proteins of different genes embed once."""
-    return hashlib.sha1(sequence.encode("ascii")).hexdigest()
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a handle to a temporary name in the same directory, fsync, then
-    rename: readers see the old file or the whole new one, never half of it."""
-    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save(obj: object, path: Path) -> None:
-    """torch.save, atomically (see atomic_write)."""
-    atomic_write(path, lambda handle: torch.save(obj, handle))
-
-
-def check_writable(path: Path, *, flag: str, example: str) -> None:
-    """Fail before any work, naming the flag, if `path` cannot be written as a file."""
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory; {flag} takes a file name like {example}")
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise InputError(f"{parent}: the output directory does not exist; create it or "
-                         f"choose another {flag}")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{parent}: the output directory is not writable; choose another "
-                         f"{flag}")
-
-
-class PartialStore:
-    """The work of an unfinished run, in `<out>.partial/`.
-
-    settings.json   what the rows depend on (model, layer, pooling, truncation, ...);
-                    a rerun with other settings is refused unless overwrite=True
-    isoforms.jsonl  one fetched GeneIsoforms per line, appended and fsynced as it comes
-    rows/NNNNNN.pt  {"keys": [sequence_key], "emb": float16 [k, dim]}, one per flush,
-                    each written to a temporary name and renamed
-    """
-
-    def __init__(self, directory: Path, settings: dict[str, Any], *,
-                 overwrite: bool = False) -> None:
-        self.directory = directory
-        self.settings = settings
-        self._prepare(overwrite)
-        self._next_chunk = len(self._chunk_files())
-
-    def _prepare(self, overwrite: bool) -> None:
-        settings_path = self.directory / SETTINGS_FILE
-        if settings_path.is_file():
-            old = json.loads(settings_path.read_text())
-            if old != self.settings:
-                if not overwrite:
-                    raise StoreError(
-                        f"{self.directory}: holds an unfinished run with other settings "
-                        f"({describe_difference(old, self.settings)}); rerun with the same "
-                        "settings to resume, or pass --overwrite to start again")
-                shutil.rmtree(self.directory)
-        (self.directory / ROWS_DIR).mkdir(parents=True, exist_ok=True)
-        if not settings_path.is_file():
-            atomic_write_json(settings_path, self.settings)
-
-    # -- fetched isoforms ----------------------------------------------------------------
-    def cached_genes(self) -> dict[str, GeneIsoforms]:
-        """Genes fetched by earlier attempts; a torn last line (a crash) is cut off."""
-        path = self.directory / ISOFORMS_FILE
-        if not path.is_file():
-            return {}
-        raw = path.read_bytes()
-        good_end = raw.rfind(b"\n") + 1
-        if good_end < len(raw):
-            with open(path, "r+b") as handle:
-                handle.truncate(good_end)
-        genes = (GeneIsoforms.from_dict(json.loads(line))
-                 for line in raw[:good_end].decode().splitlines() if line.strip())
-        return {gene.query: gene for gene in genes}
-
-    def append_genes(self, genes: Iterable[GeneIsoforms]) -> None:
-        lines = "".join(json.dumps(g.to_dict()) + "\n" for g in genes)
-        if not lines:
-            return
-        with open(self.directory / ISOFORMS_FILE, "a", encoding="utf-8") as handle:
-            handle.write(lines)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    # -- embedded rows -------------------------------------------------------------------
-    def _chunk_files(self) -> list[Path]:
-        return sorted((self.directory / ROWS_DIR).glob("[0-9]*.pt"))
-
-    def add_rows(self, keys: list[str], emb: torch.Tensor) -> None:
-        """Persist rows (stored float16, as in the final file) under the next chunk name."""
-        if not keys:
-            return
-        chunk = {"keys": list(keys), "emb": emb.detach().to("cpu", torch.float16).contiguous()}
-        atomic_save(chunk, self.directory / ROWS_DIR / f"{self._next_chunk:06d}.pt")
-        self._next_chunk += 1
-
-    def load_rows(self) -> dict[str, torch.Tensor]:
-        """Every row embedded so far, by sequence key."""
-        rows: dict[str, torch.Tensor] = {}
-        for path in self._chunk_files():
-            chunk = torch.load(path, map_location="cpu", weights_only=True)
-            rows.update(zip(chunk["keys"], chunk["emb"], strict=True))
-        return rows
-
-    def embedded_keys(self) -> set[str]:
-        return set(self.load_rows())
-
-    def remove(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def atomic_write_json(path: Path, data: object) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys[:4])
 
 
 def assemble(
@@ -282,3 +140,87 @@ def write_esm_file(path: Path, data: dict[str, Any]) -> EsmFile:
     checked = validate(data, source=str(path))
     atomic_save(data, path)
     return checked
+
+
+# -- one vector per gene ---------------------------------------------------------------------
+GenePooling = Literal["canonical", "mean"]
+GENE_POOLINGS: tuple[GenePooling, ...] = ("canonical", "mean")
+
+
+@dataclass(frozen=True)
+class GeneVectors:
+    """One pooled vector per gene, aligned with `genes`.
+
+    `protein_ids[i]` is the ENSP of gene i's first row: its canonical isoform whenever the
+    canonical has a sequence (otherwise the longest), whatever the pooling; None without
+    protein. `in_file[i]` is False for a gene the file does not list at all.
+    """
+
+    genes: tuple[str, ...]
+    matrix: torch.Tensor  # [G, E] float32, zero rows where has_protein is False
+    has_protein: torch.Tensor  # [G] bool
+    protein_ids: tuple[str | None, ...]
+    n_isoforms: tuple[int, ...]
+    in_file: tuple[bool, ...]
+    gene_pooling: str
+
+
+def gene_vectors(esm: EsmFile, genes: Sequence[str] | None = None, *,
+                 gene_pooling: str = "canonical", source: str = "esm_all.pt") -> GeneVectors:
+    """Pool each gene's isoform rows into one float32 vector (default: the file's genes).
+
+    `canonical` takes the gene's first row (the canonical isoform), `mean` averages all
+    of its isoforms in float32 (as SATURN and UCE do). Genes are matched by
+    `EsmFile.match_rows`. Raises InputError for an unknown pooling, StoreError for
+    non-finite values in the rows used (a NaN vector would poison every model reading it).
+    """
+    check_gene_pooling(gene_pooling)
+    names = list(esm.genes if genes is None else _as_names(genes))
+    found = esm.match_rows(names)
+    rows = [r or [] for r in found]
+    chosen = [r[:1] if gene_pooling == "canonical" else r for r in rows]
+    matrix = _mean_rows(esm.emb, chosen)  # [G, E] float32
+    check_finite(matrix, names, source=source)
+    return GeneVectors(
+        genes=tuple(names), matrix=matrix,
+        has_protein=torch.tensor([bool(r) for r in rows], dtype=torch.bool),
+        protein_ids=tuple(esm.protein_ids[r[0]] if r else None for r in rows),
+        n_isoforms=tuple(len(r) for r in rows),
+        in_file=tuple(f is not None for f in found), gene_pooling=gene_pooling)
+
+
+def check_gene_pooling(gene_pooling: str) -> None:
+    """One-line error for --gene_pooling, shared by every consumer."""
+    if gene_pooling not in GENE_POOLINGS:
+        raise InputError(f"gene pooling must be one of {', '.join(GENE_POOLINGS)}; got "
+                         f"{gene_pooling!r}")
+
+
+def _mean_rows(emb: torch.Tensor, chosen: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Average the chosen rows of emb [R, E] per gene -> [G, E] float32; [] gives zeros.
+
+    One index_add in float32 (not float16), divided by the count: a single row divided by
+    1 is bit-exact, so canonical vectors are the file's float16 values cast to float32.
+    """
+    dst = torch.tensor([g for g, rows in enumerate(chosen) for _ in rows], dtype=torch.long)
+    src = torch.tensor([r for rows in chosen for r in rows], dtype=torch.long)
+    out = torch.zeros(len(chosen), emb.shape[1], dtype=torch.float32)  # [G, E]
+    out.index_add_(0, dst, emb[src].float())
+    counts = torch.bincount(dst, minlength=len(chosen)).clamp(min=1)  # [G]
+    return out / counts.unsqueeze(1).to(out.dtype)
+
+
+def check_finite(matrix: torch.Tensor, genes: Sequence[str], *, source: str) -> None:
+    """A NaN row would turn every loss it touches into NaN: name the genes instead."""
+    bad = (~torch.isfinite(matrix).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        names = [genes[i] for i in bad]
+        raise StoreError(f"{source}: non-finite ESM values for {len(bad)} genes "
+                         f"({name_some(names)}); re-embed them (rerun esm2-batch with "
+                         "--overwrite)")
+
+
+def _as_names(genes: Sequence[str]) -> list[str]:
+    if isinstance(genes, str):
+        raise InputError(f"genes must be a list of gene names, not the string {genes!r}")
+    return [str(g) for g in genes]

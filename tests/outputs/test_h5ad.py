@@ -13,14 +13,9 @@ import pytest
 import torch
 
 from esm2_batch.errors import InputError
-from esm2_batch.outputs.export import gene_vectors
-from esm2_batch.outputs.h5ad import (
-    ESM_KEY,
-    annotate_anndata,
-    read_h5ad_genes,
-    write_h5ad,
-)
-from esm2_batch.store.esm_file import EsmFile, validate
+from esm2_batch.outputs.h5ad import ESM_KEY, annotate_anndata, write_h5ad
+from esm2_batch.sources.h5ad_genes import read_h5ad_genes
+from esm2_batch.store.esm_file import EsmFile, gene_vectors, validate
 
 DIM = 6
 IDS = ["ENSG00000000001", "ENSG00000000002", "ENSG00000000003", "ENSG00000000004",

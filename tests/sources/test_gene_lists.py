@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from esm2_batch import GeneIsoforms, InputError, Isoform, read_gene_list
-from esm2_batch.sources.gene_lists import dedupe, is_ensembl_gene_id, query_key, strip_version
+from esm2_batch.records import is_ensembl_gene_id, query_key, strip_version
+from esm2_batch.sources.gene_lists import dedupe
 
 
 def test_text_list_with_bom_crlf_comments_blanks_and_duplicates(tmp_path: Path) -> None:

@@ -22,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from typing import Any, TypeVar
 
 import aiohttp
 
 from esm2_batch.errors import EnsemblError, EnsemblResponseError
-from esm2_batch.records import GeneIsoforms
+from esm2_batch.records import GeneIsoforms, is_ensembl_gene_id, query_key
+from esm2_batch.sources.base import SourceOptions
 from esm2_batch.sources.ensembl_rest.parse import (
     GeneRecord,
     build_gene,
@@ -38,9 +39,10 @@ from esm2_batch.sources.ensembl_rest.parse import (
     parse_gene,
 )
 from esm2_batch.sources.ensembl_rest.transport import JsonTransport, RetryPolicy
-from esm2_batch.sources.gene_lists import dedupe, is_ensembl_gene_id, query_key
+from esm2_batch.sources.gene_lists import dedupe
 
 log = logging.getLogger("esm2_batch.sources.ensembl_rest")
+T = TypeVar("T")
 
 DEFAULT_BASE_URL = "https://rest.ensembl.org"
 DEFAULT_BIOTYPES: tuple[str, ...] = ("protein_coding",)
@@ -268,7 +270,7 @@ def fetch_isoforms(
     return run_sync(main)
 
 
-def run_sync(main: Any) -> Any:
+def run_sync(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """asyncio.run(main()), also when called from a thread that already runs a loop."""
     try:
         asyncio.get_running_loop()
@@ -278,3 +280,35 @@ def run_sync(main: Any) -> Any:
 
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, main()).result()
+
+
+class EnsemblRestSource:
+    """An IsoformSource (sources/base.py) over Ensembl REST: one client, one rate limiter
+    for the whole stream, and the server's release asked once for the provenance."""
+
+    def __init__(self, options: SourceOptions) -> None:
+        self.options = options
+        self.release: int | None = None
+
+    async def stream(self, queries: Sequence[str]) -> AsyncIterator[GeneIsoforms]:
+        options = self.options
+        async with EnsemblClient(species=options.species, base_url=options.ensembl_url,
+                                 rate_limit=options.rate_limit,
+                                 parallel_workers=options.parallel_workers,
+                                 biotypes=options.biotypes) as client:
+            self.release = await client.release()
+            async for gene in client.iter_isoforms(queries):
+                yield gene
+
+    def provenance(self) -> dict[str, str | int]:
+        found: dict[str, str | int] = {"isoform_source": "ensembl-rest",
+                                       "ensembl_url": resolve_base_url(self.options.ensembl_url)}
+        if self.release is not None:
+            found["ensembl_release"] = self.release
+        return found
+
+    def describe(self) -> str | None:
+        return None
+
+    def known_queries(self) -> Sequence[str] | None:
+        return None

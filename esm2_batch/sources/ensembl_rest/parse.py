@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from esm2_batch.errors import EnsemblResponseError
-from esm2_batch.records import GeneIsoforms, Isoform, isoform_sort_key
-from esm2_batch.sources.gene_lists import strip_version
+from esm2_batch.records import GeneIsoforms, GeneStatus, Isoform, isoform_sort_key, strip_version
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +100,7 @@ def build_gene(query: str, gene: GeneRecord, sequences: Mapping[str, str]) -> Ge
         isoforms.append(Isoform(t.protein_id, t.transcript_id, gene.gene_id, seq,
                                 t.is_canonical, t.biotype))
     isoforms.sort(key=isoform_sort_key)
-    status = "ok" if isoforms else "no_protein"
+    status: GeneStatus = "ok" if isoforms else "no_protein"
     return GeneIsoforms(query, gene.gene_id, gene.symbol, tuple(isoforms), status,
                         tuple(sorted(missing)))
 

@@ -37,7 +37,6 @@ log = logging.getLogger("esm2_batch.sources.ensembl_rest")
 
 Sleep = Callable[[float], Awaitable[None]]
 Clock = Callable[[], float]
-_RETRY_STATUSES = frozenset({500, 502, 503, 504})
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +226,7 @@ def _decode(status: int, headers: Any, text: str) -> _Outcome:
     if status == 200:
         return _Outcome(data=data, ok=True, status=200)
     message = data.get("error", text[:200]) if isinstance(data, dict) else text[:200]
-    retryable = status in _RETRY_STATUSES or status >= 500
+    retryable = status >= 500  # outages (500/502/503/504) pass; a 4xx never will
     return _Outcome(status=None if retryable else status, reason=f"HTTP {status}: {message}")
 
 

@@ -10,15 +10,9 @@ import torch
 
 from esm2_batch.errors import StoreError
 from esm2_batch.records import GeneIsoforms, Isoform
-from esm2_batch.store.esm_file import (
-    PartialStore,
-    assemble,
-    atomic_save,
-    read_esm_file,
-    sequence_key,
-    validate,
-    write_esm_file,
-)
+from esm2_batch.store.atomic import atomic_save
+from esm2_batch.store.esm_file import assemble, read_esm_file, validate, write_esm_file
+from esm2_batch.store.partial import PartialStore, sequence_key
 
 SETTINGS = {"model": "m", "layer": 2, "truncation": 1022}
 

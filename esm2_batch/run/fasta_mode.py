@@ -1,0 +1,146 @@
+"""FASTA files -> one <stem>_ESM.pt each: {'proteins': [labels], 'data': [float32 rows]}.
+
+Labels are the first word of each header, in file order. Each file's distinct sequences
+go through the same embedding stage as gene mode (run/stages.py: in this process or on
+Ray), into an in-memory float32 sink, so the rows are the same whichever stage ran them.
+Inputs whose output exists are skipped (rerun to resume a batch of files); sequences or
+files that fail are logged to extraction_failures.log (timestamp | file | id | error)
+and the rest go on. Every output is written atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from esm2_batch.embedding.embed import clean_sequence
+from esm2_batch.embedding.options import EmbedOptions
+from esm2_batch.errors import InputError
+from esm2_batch.models import LoadedModel
+from esm2_batch.run.stages import MemorySink, StageOptions, make_stage
+from esm2_batch.sources.fasta import read_fasta
+from esm2_batch.store.atomic import atomic_save
+from esm2_batch.store.partial import sequence_key
+
+__all__ = ["FAILURE_LOG", "FastaResult", "fasta_output", "run_fasta"]
+
+log = logging.getLogger("esm2_batch")
+
+FAILURE_LOG = "extraction_failures.log"
+
+
+@dataclass
+class FastaResult:
+    """One input file of FASTA mode: where its rows went and what failed."""
+
+    source: Path
+    out: Path
+    proteins: int = 0
+    failed: int = 0
+    skipped: bool = False
+
+
+def fasta_output(source: Path, out_dir: Path | None) -> Path:
+    """IN.fa -> <out_dir or IN's directory>/IN_ESM.pt."""
+    name = source.name.removesuffix(".gz")
+    for suffix in (".fasta", ".fa", ".faa", ".fas", ".pep"):
+        name = name.removesuffix(suffix)
+    return (out_dir or source.parent) / f"{name}_ESM.pt"
+
+
+def run_fasta(inputs: Sequence[Path], *, model: LoadedModel, out_dir: Path | None = None,
+              overwrite: bool = False, embed: EmbedOptions | None = None,
+              stage: StageOptions | None = None, model_source: str | None = None,
+              device: str | None = None) -> list[FastaResult]:
+    """Embed each FASTA file (see the module docstring); Ray actors load `model_source`
+    (default: the model's name) on `device` (default: a GPU where the cluster has one)."""
+    if out_dir is not None and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: no such output directory; create it first")
+    job = _FastaJob(model, embed or EmbedOptions(), stage or StageOptions(),
+                    model_source or model.name, device)
+    job.options.check(name=model.name, num_layers=model.num_layers,
+                      max_residues=model.max_residues)
+    results = []
+    for source in tqdm(inputs, desc="FASTA files", unit="file",
+                       disable=None if job.stage.progress else True):
+        result = FastaResult(source, fasta_output(source, out_dir))
+        if result.out.exists() and not overwrite:
+            result.skipped = True
+            log.info("%s: exists, skipping %s", result.out, source)
+        else:
+            job.embed_file(result)
+        results.append(result)
+    return results
+
+
+@dataclass(frozen=True)
+class _FastaJob:
+    """What every file of one FASTA-mode call shares."""
+
+    model: LoadedModel
+    options: EmbedOptions
+    stage: StageOptions
+    model_source: str
+    device: str | None
+
+    def embed_file(self, result: FastaResult) -> None:
+        try:
+            records = read_fasta(result.source)
+        except InputError as exc:
+            _log_failures(result, [("-", str(exc))])
+            result.failed = 1
+            return
+        valid, failures = _clean(records)
+        rows, failed = self._embed(valid)
+        failures += failed
+        kept = [(label, rows[sequence_key(seq)]) for label, seq in valid
+                if sequence_key(seq) in rows]
+        data = {"proteins": [label for label, _ in kept],
+                "data": [row.to(torch.float32).clone() for _, row in kept]}
+        atomic_save(data, result.out)
+        result.proteins, result.failed = len(kept), len(failures)
+        _log_failures(result, failures)
+
+    def _embed(self, valid: list[tuple[str, str]]
+               ) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
+        """Rows by sequence key (float32) and (label, error) of what failed."""
+        sink = MemorySink()
+        stage = make_stage(self.model, sink, self.options, self.stage,
+                           model_source=self.model_source, device=self.device)
+        stage.start()
+        try:
+            stage.submit(valid)
+            stage.finish()
+        finally:
+            stage.stop()
+        return sink.rows, [(name, error) for name, error in stage.failed.values()]
+
+
+def _clean(records: list[tuple[str, str]]) -> tuple[list[tuple[str, str]],
+                                                     list[tuple[str, str]]]:
+    """(label, cleaned sequence) pairs, and (label, error) of the records that fail."""
+    valid: list[tuple[str, str]] = []
+    failures: list[tuple[str, str]] = []
+    for position, (header, sequence) in enumerate(records):
+        label = header.split()[0] if header.split() else f"record_{position + 1}"
+        try:
+            valid.append((label, clean_sequence(sequence, name=label)))
+        except InputError as exc:
+            failures.append((label, str(exc)))
+    return valid, failures
+
+
+def _log_failures(result: FastaResult, failures: list[tuple[str, str]]) -> None:
+    """Append to the output directory's failure log (an append-only log, not a result)."""
+    if not failures:
+        return
+    stamp = dt.datetime.now().isoformat(timespec="seconds")
+    with open(result.out.parent / FAILURE_LOG, "a", encoding="utf-8") as handle:
+        for label, error in failures:
+            handle.write(f"{stamp} | {result.source} | {label} | {error}\n")

@@ -1,0 +1,295 @@
+"""The embedding stage: one protocol, two implementations (a thread here, Ray actors in
+ray_stage.py), used by gene mode and FASTA mode alike.
+
+    producer (fetching, or a FASTA file)          stage
+    submit([(name, sequence), ...]) ──► distinct sequences not yet embedded
+                                         │ token-budget batches (embedding.embed_rows)
+                                         ▼
+                                   RowSink.add_rows(keys, float32 rows)
+
+Rows are keyed by `store.partial.sequence_key`, so a sequence shared by several genes or
+FASTA records is embedded once. Every stage hands the sink float32 rows exactly as the
+embedder returns them; the sink decides what it stores (the partial store float16, FASTA
+mode float32), so both stages give the same rows in the same dtype for the same input.
+A sequence that cannot be embedded is recorded in `failed` by key, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from tqdm import tqdm
+
+from esm2_batch.embedding.embed import clean_sequence, embed_rows
+from esm2_batch.embedding.options import EmbedOptions
+from esm2_batch.errors import InputError
+from esm2_batch.models import LoadedModel
+from esm2_batch.store.partial import sequence_key
+
+Named = tuple[str, str]
+"""(name, sequence): a protein ID or a FASTA label, and its residues."""
+
+
+class RowSink(Protocol):
+    """Where a stage's rows go: the resumable partial store, or memory (FASTA mode)."""
+
+    def add_rows(self, keys: list[str], rows: torch.Tensor) -> None:
+        """Keep rows [k, dim] (float32, CPU) under their sequence keys."""
+
+    def embedded_keys(self) -> set[str]:
+        """Keys already held (from an earlier attempt): never embedded again."""
+
+
+@dataclass
+class MemorySink:
+    """Rows kept in memory as given (float32): FASTA mode's sink."""
+
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add_rows(self, keys: list[str], rows: torch.Tensor) -> None:
+        self.rows.update(zip(keys, rows, strict=True))
+
+    def embedded_keys(self) -> set[str]:
+        return set(self.rows)
+
+
+class EmbedStage(Protocol):
+    """What an orchestrator drives; it never asks which implementation it holds."""
+
+    failed: dict[str, tuple[str, str]]  # sequence key -> (name, error)
+    embedded: int  # rows embedded by this stage (reused rows not counted)
+    tokens: int  # tokens embedded, BOS and EOS included
+    busy_s: float  # seconds spent embedding
+
+    def start(self) -> None:
+        """Acquire what the stage needs (a thread, a cluster) or fail now, before fetching."""
+
+    def submit(self, items: Sequence[Named]) -> None:
+        """Queue sequences; may block while the stage is full (backpressure)."""
+
+    def full(self) -> bool:
+        """True when `submit` would block."""
+
+    def wait_for_room(self) -> None:
+        """Block until `submit` would not (call it from a worker thread in async code)."""
+
+    def raise_error(self) -> None:
+        """Raise the stage's first error, if it had one."""
+
+    def finish(self) -> None:
+        """No more input: embed what is pending, wait, and raise the first error."""
+
+    def stop(self) -> None:
+        """Release everything (always called, after finish or after an error)."""
+
+
+class PendingSequences:
+    """What every stage shares: distinct sequences not yet embedded, rows handed to the
+    sink, failures recorded by key, and the residues-embedded progress bar."""
+
+    def __init__(self, model: LoadedModel, sink: RowSink, options: EmbedOptions, *,
+                 progress: bool) -> None:
+        self.model, self.sink, self.options = model, sink, options
+        self.done: set[str] = sink.embedded_keys()
+        self.failed: dict[str, tuple[str, str]] = {}
+        self.embedded = self.tokens = 0
+        self.busy_s = 0.0
+        self._pending: dict[str, Named] = {}
+        self._bar = tqdm(total=0, desc="residues embedded", unit="aa", unit_scale=True,
+                         disable=None if progress else True)
+
+    def _add(self, items: Sequence[Named]) -> None:
+        for name, sequence in items:
+            key = sequence_key(sequence)
+            if key in self.done or key in self._pending or key in self.failed:
+                continue
+            try:
+                clean_sequence(sequence, name=name)
+            except InputError as exc:  # one odd sequence must not stop the run
+                self.failed[key] = (name, str(exc))
+                continue
+            self._pending[key] = (name, sequence)
+            self._bar.total = (self._bar.total or 0) + self.options.kept(len(sequence))
+        self._bar.refresh()
+
+    def _tokens_pending(self) -> int:
+        return sum(self.options.tokens(len(s)) for _, s in self._pending.values())
+
+    def _take_pending(self) -> list[tuple[str, Named]]:
+        pending = list(self._pending.items())
+        self._pending.clear()
+        return pending
+
+    def _persist(self, keys: list[str], rows: torch.Tensor, lengths: Sequence[int]) -> None:
+        """Hand rows to the sink and count them (and their tokens) as done."""
+        if not keys:
+            return
+        self.sink.add_rows(list(keys), rows)
+        self.done.update(keys)
+        self.embedded += len(keys)
+        self.tokens += sum(self.options.tokens(n) for n in lengths)
+        self._bar.update(sum(self.options.kept(n) for n in lengths))
+
+    def _fail(self, key: str, name: str, error: str, length: int) -> None:
+        self.failed[key] = (name, error)
+        self._bar.update(self.options.kept(length))
+
+
+class ThreadStage(PendingSequences, threading.Thread):
+    """The in-process stage: a consumer thread collects a window of distinct pending
+    sequences, embeds them and hands rows to the sink.
+
+    It embeds when the window holds `window_batches` batches' worth of tokens, or when
+    the queue runs dry with at least one batch's worth waiting (the device would idle
+    otherwise), or at the end. Within a window, embed_rows sorts by length and packs
+    token-budget batches; rows go to the sink every `flush_rows` rows.
+    """
+
+    window_batches = 8
+    flush_rows = 256
+    _CLOSE: Sequence[Named] = (("", ""),)  # a sentinel no caller can submit (empty names)
+
+    def __init__(self, model: LoadedModel, sink: RowSink, options: EmbedOptions, *,
+                 progress: bool, queue_items: int = 256) -> None:
+        PendingSequences.__init__(self, model, sink, options, progress=progress)
+        threading.Thread.__init__(self, name="esm2-embed", daemon=True)
+        self.queue: queue.Queue[Sequence[Named]] = queue.Queue(maxsize=queue_items)
+        self.error: BaseException | None = None
+        self._stopping = threading.Event()
+
+    # producer side
+    def submit(self, items: Sequence[Named]) -> None:
+        self.raise_error()
+        while not self._stopping.is_set():
+            try:
+                self.queue.put(items, timeout=0.2)
+                return
+            except queue.Full:
+                self.raise_error()
+
+    def full(self) -> bool:
+        return self.queue.full()
+
+    def wait_for_room(self) -> None:
+        while self.queue.full() and self.is_alive() and not self._stopping.is_set():
+            time.sleep(0.01)
+
+    def finish(self) -> None:
+        self.submit(self._CLOSE)
+        self.join()
+        self.raise_error()
+
+    def stop(self) -> None:
+        """Ask the thread to end and wait for it, so no torch work outlives the run."""
+        self._stopping.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join()
+        self._bar.close()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    # consumer side
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # handed to the producer, which raises it
+            self.error = exc
+
+    def _loop(self) -> None:
+        budget = self.options.toks_per_batch
+        closed = False
+        while not self._stopping.is_set():
+            closed = self._drain(block=not closed and self._tokens_pending() < budget) or closed
+            waiting = self._tokens_pending()
+            if closed or waiting >= budget * self.window_batches or (
+                    waiting >= budget and self.queue.empty()):
+                self._embed_pending()
+            if closed and not self._pending:
+                return
+
+    def _drain(self, *, block: bool) -> bool:
+        """Move queued sequences into the window; True once closed."""
+        try:
+            item = self.queue.get(timeout=0.1) if block else self.queue.get_nowait()
+        except queue.Empty:
+            return False
+        while True:
+            if item is self._CLOSE:
+                return True
+            self._add(item)
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return False
+
+    def _embed_pending(self) -> None:
+        pending = self._take_pending()
+        if not pending:
+            return
+        started = time.perf_counter()
+        batch = _RowBatch(self._persist, self.flush_rows)
+        for result in embed_rows(self.model, [named for _, named in pending], self.options):
+            if self._stopping.is_set():
+                break
+            key, (name, sequence) = pending[result.index]
+            if result.row is None:
+                self._fail(key, name, str(result.error), len(sequence))
+            else:
+                batch.add(key, result.row, len(sequence))
+        batch.flush()
+        self.busy_s += time.perf_counter() - started
+
+
+@dataclass
+class _RowBatch:
+    """Rows collected until `size`, then handed on together (one sink write, not many)."""
+
+    persist: Callable[[list[str], torch.Tensor, Sequence[int]], None]
+    size: int
+    keys: list[str] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+    def add(self, key: str, row: torch.Tensor, length: int) -> None:
+        self.keys.append(key)
+        self.rows.append(row)
+        self.lengths.append(length)
+        if len(self.keys) >= self.size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.keys:
+            self.persist(self.keys, torch.stack(self.rows), self.lengths)
+        self.keys, self.rows, self.lengths = [], [], []
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """How the embedding stage runs: in this process, or on Ray (`ray` is "local",
+    "auto" or a cluster address; `ray_actors` defaults to one per GPU, else CPUs / 2)."""
+
+    ray: str | None = None
+    ray_actors: int | None = None
+    queue_items: int = 256
+    progress: bool = True
+
+
+def make_stage(model: LoadedModel, sink: RowSink, options: EmbedOptions,
+               stage: StageOptions, *, model_source: str, device: str | None) -> EmbedStage:
+    """The stage `stage` asks for. A Ray actor loads `model_source` (a size, a name or a
+    checkpoint path) on `device` as the user gave it (None: a GPU where the cluster has
+    one), with the engine and backend `model` was loaded with."""
+    if stage.ray is None:
+        return ThreadStage(model, sink, options, progress=stage.progress,
+                           queue_items=stage.queue_items)
+    from esm2_batch.run.ray_stage import RayStage  # Ray is an optional extra
+
+    return RayStage(model, sink, options, stage, model_source=model_source, device=device)
