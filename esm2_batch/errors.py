@@ -3,19 +3,23 @@
 The library raises; only the CLI turns these into one-line messages and exit codes::
 
     Esm2BatchError                  base: catch this to catch everything we raise
-    ├── InputError                  a gene list, FASTA or option the user can fix
-    ├── EnsemblError                the Ensembl REST stage failed (carries .queries)
+    ├── InputError                  exit 2: a gene list, FASTA, sequence letter, option or
+    │                               output path the user can fix
+    ├── EnsemblError                exit 3: the Ensembl stage failed (carries .queries)
     │   ├── EnsemblRequestError     HTTP 400: the server refused the request; never retried
     │   ├── EnsemblUnavailableError retries exhausted: 5xx, 429 storms, timeouts, resets,
     │   │                           non-JSON bodies, or the server cannot be reached
     │   └── EnsemblResponseError    a reply that parses but breaks the API's contract
-    ├── ModelError                  a model cannot be found, downloaded or loaded
-    ├── EmbeddingError              a sequence cannot be embedded (bad letter, non-finite
-    │                               row, out of memory alone); carries .name
-    └── StoreError                  the output or its partial directory cannot be used
-                                    (unwritable, settings differ from the existing run)
-"""
+    ├── ModelError                  exit 4: a model cannot be found, downloaded or loaded,
+    │                               or the device it needs is absent (also on a Ray cluster)
+    ├── EmbeddingError              exit 5: a sequence cannot be embedded (non-finite row,
+    │                               out of memory alone); carries .name
+    └── StoreError                  exit 6: an existing output or partial directory cannot
+                                    be used (unreadable, made with other settings)
 
+A ValueError from a record or a planner's own checks means code inside the package (or a
+caller of an internal function) broke an invariant; it is a bug, never user input.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterable

@@ -104,6 +104,10 @@ def test_h5ad_in_and_out(tmp_path: Path, url: str, model: LoadedModel) -> None:
     assert list(out.var["esm2_has_protein"]) == [True, True, False, False, False]
     assert out.var["esm2_protein_id"].iloc[0] == "ENSP00000493543"
     assert out.uns["esm2"]["isoform_pooling"] == "mean"
+    # provenance names what the run really read and wrote, not placeholders
+    assert out.uns["esm2"]["esm_file"] == str(config.out)
+    assert out.uns["esm2"]["id_column"] == "gene_ids"
+    assert any("matched on gene_ids" in note for note in summary.notes)
     assert list(ad.read_h5ad(source).varm.keys()) == []  # the input is untouched
 
 

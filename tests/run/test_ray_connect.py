@@ -1,0 +1,68 @@
+"""How --ray starts or joins a cluster, with a stand-in for the ray module (no cluster)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from esm2_batch.errors import InputError
+from esm2_batch.run import ray_stage
+from esm2_batch.run.ray_stage import RayOptions, connect
+
+
+class FakeRay:
+    """Records ray.init's arguments and the RAY_AUTH_MODE the cluster would inherit."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.fail = fail
+
+    def is_initialized(self) -> bool:
+        return False
+
+    def init(self, **kwargs: Any) -> None:
+        import os
+
+        self.calls.append({**kwargs, "auth": os.environ.get("RAY_AUTH_MODE")})
+        if self.fail is not None:
+            raise self.fail
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeRay:
+    stand_in = FakeRay()
+    monkeypatch.setattr(ray_stage, "import_ray", lambda: stand_in)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    return stand_in
+
+
+def test_local_cluster_is_loopback_only_without_token_auth(fake: FakeRay) -> None:
+    connect(RayOptions(address="local"))
+    (call,) = fake.calls
+    assert call["_node_ip_address"] == "127.0.0.1"
+    assert call["auth"] == "disabled"
+    assert call["include_dashboard"] is False
+
+
+def test_joining_a_cluster_leaves_the_users_settings(fake: FakeRay) -> None:
+    connect(RayOptions(address="10.0.0.5:6379"))
+    connect(RayOptions(address="auto"))
+    assert [c["address"] for c in fake.calls] == ["10.0.0.5:6379", "auto"]
+    assert all(c["auth"] is None for c in fake.calls)  # never switched off for a real cluster
+    assert all("_node_ip_address" not in c for c in fake.calls)
+
+
+def test_a_users_own_auth_mode_wins_for_a_local_cluster(fake: FakeRay,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    connect(RayOptions(address="local"))
+    assert fake.calls[0]["auth"] == "token"
+
+
+def test_an_unreachable_cluster_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    stand_in = FakeRay(fail=ConnectionError("Could not find any running Ray instance.\nmore"))
+    monkeypatch.setattr(ray_stage, "import_ray", lambda: stand_in)
+    with pytest.raises(InputError, match=r"cannot reach the Ray cluster at '10\.0\.0\.5:1' "
+                                         r"\(Could not find any running Ray instance\.\)"):
+        connect(RayOptions(address="10.0.0.5:1"))
