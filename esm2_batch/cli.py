@@ -9,6 +9,8 @@ resume state, 130 interrupted.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -73,9 +75,20 @@ Overwrite = Annotated[bool, _opt("--overwrite", help="Replace an existing output
                                  "unfinished run with other settings.")]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from esm2_batch.version import package_version
+
+        typer.echo(f"esm2-batch {package_version()}")
+        raise typer.Exit()
+
+
 @app.callback(invoke_without_command=True)
 def main(
     ctx: typer.Context,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print the version and exit.")] = False,
     hvg_file: Annotated[Path | None, _opt(
         "--hvg_file", help="Gene list: one symbol or Ensembl gene ID per line ('#' comments "
         "ok), or a CSV/TSV with a gene column.")] = None,
@@ -113,6 +126,9 @@ def main(
         "--write_h5ad", help=".h5ad input: write a copy with varm['X_esm2'] and "
         "var['esm2_*'] columns.")] = None,
     gene_pooling: GenePooling = "canonical",
+    strict: Annotated[bool, _opt(
+        "--strict", help="Exit 3 (after writing --out) if Ensembl left any gene incomplete "
+        "(some protein sequences not returned).")] = False,
     ensembl_files: Annotated[Path | None, _opt(
         "--ensembl_files", help="Offline: a directory with Ensembl's pep.all.fa.gz and "
         "canonical.tsv.gz (see 'esm2-batch download').")] = None,
@@ -147,7 +163,7 @@ def main(
             stage=StageOptions(ray=ray, ray_actors=ray_actors, progress=not quiet),
             output=OutputOptions(out=out, overwrite=overwrite, save_isoforms=save_isoforms,
                                  write_h5ad=write_h5ad,
-                                 gene_pooling=_gene_pooling(gene_pooling)))
+                                 gene_pooling=_gene_pooling(gene_pooling), strict=strict))
         summary = run(config)
         for line in summary.lines():
             _say(line, quiet)
@@ -290,16 +306,44 @@ def _model_name(model_path: Path | None, model_size: str) -> str:
     return str(model_path) if model_path else model_size
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so the same cleanup runs."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def _guarded(work: Callable[[], None]) -> None:
-    """Run `work`; turn our errors into one line on stderr and an exit code."""
+    """Run `work`; turn our errors into one line on stderr and an exit code.
+
+    SIGINT and SIGTERM unwind the run like an exception: the embedding thread is stopped
+    and joined, and every finished row and gene is already durable in the partial store.
+    The process then ends with os._exit: once torch has run in a worker thread, an
+    interrupted run's interpreter teardown can abort in torch's C++ runtime
+    ("terminate called without an active exception", exit 134) after the work was
+    already saved; nothing is left to flush at that point but the streams, done first.
+    """
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         work()
     except Esm2BatchError as exc:
         typer.echo(f"esm2-batch: error: {exc}{_hint(exc)}", err=True)
         raise typer.Exit(_exit_code(exc)) from None
-    except KeyboardInterrupt:
-        typer.echo("esm2-batch: interrupted; rerun the same command to resume", err=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        code, what = (143, "terminated") if isinstance(exc, Terminated) else (130, "interrupted")
+        typer.echo(f"esm2-batch: {what}; rerun the same command to resume", err=True)
+        _exit_now(code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_now(code: int) -> None:
+    """End the process after an interrupt, streams flushed (see _guarded)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _exit_code(exc: Esm2BatchError) -> int:

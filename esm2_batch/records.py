@@ -10,8 +10,13 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-GeneStatus = Literal["ok", "no_protein", "not_found"]
-STATUSES: tuple[GeneStatus, ...] = ("ok", "no_protein", "not_found")
+# ok          every announced translation has a sequence (isoforms non-empty)
+# incomplete  Ensembl announced translations whose sequences never came (missing_protein_ids
+#             non-empty); the isoforms that did come are kept, possibly none
+# no_protein  the gene exists but has no translation of the requested biotypes
+# not_found   no source knows the query
+GeneStatus = Literal["ok", "incomplete", "no_protein", "not_found"]
+STATUSES: tuple[GeneStatus, ...] = ("ok", "incomplete", "no_protein", "not_found")
 
 # ENSG00000157764, ENSMUSG00000000001, optionally with a .version suffix.
 _GENE_ID = re.compile(r"^ENS[A-Z]{0,6}G\d{11}(?:\.\d+)?$", re.IGNORECASE)
@@ -46,7 +51,9 @@ class GeneIsoforms:
 
     `query` is the gene exactly as the user wrote it and is the key of the output file.
     `missing_protein_ids` lists translations Ensembl announced but returned no sequence
-    for even after a second request, so a gap is recorded rather than silent.
+    for even after a second request, so a gap is recorded rather than silent; such a gene
+    is "incomplete". `canonical_protein_id` is the translation Ensembl calls canonical
+    (None when unknown), so a record can say its first isoform is not the canonical one.
     """
 
     query: str
@@ -55,19 +62,32 @@ class GeneIsoforms:
     isoforms: tuple[Isoform, ...]
     status: GeneStatus
     missing_protein_ids: tuple[str, ...] = field(default=())
+    canonical_protein_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, not {self.status!r}")
-        if (self.status == "ok") != bool(self.isoforms):
+        # ok: isoforms and nothing missing; incomplete: something missing; no_protein
+        # and not_found: neither isoforms nor missing ids
+        expected = settled_status(self.isoforms, self.missing_protein_ids)
+        allowed = ("no_protein", "not_found") if expected == "no_protein" else (expected,)
+        if self.status not in allowed:
             raise ValueError(f"{self.query}: status {self.status!r} with "
-                             f"{len(self.isoforms)} isoforms")
+                             f"{len(self.isoforms)} isoforms and "
+                             f"{len(self.missing_protein_ids)} missing sequences")
 
     @property
     def canonical(self) -> Isoform | None:
         """The canonical isoform, or None when the gene has none with a sequence."""
         first = self.isoforms[0] if self.isoforms else None
         return first if first is not None and first.is_canonical else None
+
+    @property
+    def canonical_missing(self) -> bool:
+        """True when the canonical translation is among the missing ones: the gene's
+        first row is then NOT its canonical isoform."""
+        return (self.canonical_protein_id is not None
+                and self.canonical_protein_id in self.missing_protein_ids)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the resume cache stores one per line)."""
@@ -78,14 +98,30 @@ class GeneIsoforms:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GeneIsoforms:
+        """Read to_dict's output; records written before "incomplete" existed (status ok
+        or no_protein with missing ids, no canonical_protein_id) get today's status."""
+        isoforms = tuple(Isoform.from_dict(d) for d in data.get("isoforms", ()))
+        missing = tuple(data.get("missing_protein_ids", ()))
+        status = data["status"]
+        if missing and status in ("ok", "no_protein"):
+            status = settled_status(isoforms, missing)
         return cls(
             query=str(data["query"]),
             gene_id=data.get("gene_id"),
             symbol=data.get("symbol"),
-            isoforms=tuple(Isoform.from_dict(d) for d in data.get("isoforms", ())),
-            status=data["status"],
-            missing_protein_ids=tuple(data.get("missing_protein_ids", ())),
+            isoforms=isoforms,
+            status=status,
+            missing_protein_ids=missing,
+            canonical_protein_id=data.get("canonical_protein_id"),
         )
+
+
+def settled_status(isoforms: tuple[Isoform, ...], missing: tuple[str, ...]) -> GeneStatus:
+    """The status of a gene whose translations were announced: "incomplete" when any
+    sequence is missing, else "ok" with isoforms, else "no_protein"."""
+    if missing:
+        return "incomplete"
+    return "ok" if isoforms else "no_protein"
 
 
 def isoform_sort_key(isoform: Isoform) -> tuple[bool, int, str]:

@@ -87,7 +87,7 @@ def test_no_gene_list_at_all() -> None:
 
 def test_unwritable_output_directory(tmp_path: Path, hvg: Path) -> None:
     code, _, err = invoke("--hvg_file", str(hvg), "--out", str(tmp_path / "no" / "x.pt"))
-    assert_one_line_error(code, err, 2, "does not exist", "--out")
+    assert_one_line_error(code, err, 6, "does not exist", "--out")  # output problems: 6
 
 
 def test_unknown_model_size_fails_before_fetching(tmp_path: Path, hvg: Path) -> None:

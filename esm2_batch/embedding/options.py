@@ -47,6 +47,15 @@ class EmbedOptions:
     def check(self, *, name: str, num_layers: int, max_residues: int) -> int:
         """Validate every field for a model with `num_layers` and a context of
         `max_residues`; return the absolute layer index. One-line InputError otherwise."""
+        self.check_values()
+        if self.truncation > max_residues:  # positions beyond the training context
+            raise InputError(f"truncation {self.truncation} exceeds {name}'s context of "
+                             f"{max_residues} residues; lower it, or use long_seqs='window' "
+                             "to cover long proteins whole")
+        return self.layer_index(name=name, num_layers=num_layers)
+
+    def check_values(self) -> None:
+        """What can be checked without the model: run before loading one."""
         if not _positive_int(self.toks_per_batch):
             raise InputError(f"toks_per_batch must be a positive integer, not "
                              f"{self.toks_per_batch!r}")
@@ -55,17 +64,14 @@ class EmbedOptions:
                              f"{self.batch_size!r}")
         if not _positive_int(self.truncation):
             raise InputError(f"truncation must be a positive integer, not {self.truncation!r}")
-        if self.truncation > max_residues:  # positions beyond the training context
-            raise InputError(f"truncation {self.truncation} exceeds {name}'s context of "
-                             f"{max_residues} residues; lower it, or use long_seqs='window' "
-                             "to cover long proteins whole")
         if self.pooling not in get_args(Pooling):
             raise InputError(f"pooling must be one of {get_args(Pooling)}, not "
                              f"{self.pooling!r}")
         if self.long_seqs not in get_args(LongSeqs):
             raise InputError(f"long_seqs must be one of {get_args(LongSeqs)}, not "
                              f"{self.long_seqs!r}")
-        return self.layer_index(name=name, num_layers=num_layers)
+        if not _int(self.repr_layer):
+            raise InputError(f"repr_layer must be an integer, not {self.repr_layer!r}")
 
     def layer_index(self, *, name: str, num_layers: int) -> int:
         """`repr_layer` as an absolute index in [0, num_layers]."""

@@ -43,6 +43,7 @@ from esm2_batch.models.weights import (
     hub_checkpoint,
     looks_like_hub_id,
     read_checkpoint,
+    weights_fingerprint,
 )
 
 __all__ = [
@@ -144,6 +145,8 @@ class LoadedModel:
     engine: Engine = "reference"
     backend: Backend = "fair-esm"
     fast: FastESM2 | None = None
+    fingerprint: str = ""
+    """`weights.weights_fingerprint` of the weights as loaded: what rows are keyed by."""
 
     def __post_init__(self) -> None:
         if (self.engine == "fast") != (self.fast is not None):
@@ -293,24 +296,27 @@ def _load_hf(model: str | os.PathLike[str], device: torch.device,
 def _esm2(name: str, module: ESM2, alphabet: esm.data.Alphabet, device: torch.device,
           dtype: torch.dtype, engine: Engine, backend: Backend) -> LoadedModel:
     """A fair-esm ESM2 prepared for inference, behind the encoder `engine` names."""
+    fingerprint = weights_fingerprint(module)
     module = prepare(module, device, dtype)
     fast = FastESM2.from_fair_esm(module) if engine == "fast" else None
     encoder: Encoder = (ReferenceEncoder(module, name, device, dtype) if fast is None
                         else FastEncoder(fast, name, device, dtype))
     return LoadedModel(encoder=encoder, module=module, alphabet=alphabet, engine=engine,
-                       backend=backend, fast=fast)
+                       backend=backend, fast=fast, fingerprint=fingerprint)
 
 
 def _load_esmc(model: str | os.PathLike[str], device: torch.device,
                dtype: torch.dtype, engine: Engine) -> LoadedModel:
     """ESM C runs its own module with one forward, whatever `engine` asks; it shares
     ESM2's token ids, so ESM2's alphabet tokenizes for it."""
-    module = load_esmc(model).to(device=device, dtype=dtype)
+    loaded = load_esmc(model)
+    fingerprint = weights_fingerprint(loaded)
+    module = loaded.to(device=device, dtype=dtype)
     name = Path(str(model)).name.split(".")[0] or str(model)
     return LoadedModel(
         encoder=ESMCEncoder(module, name, device, dtype), module=module,
         alphabet=esm.data.Alphabet.from_architecture("ESM-1b"), engine="reference",
-        backend="esmc")
+        backend="esmc", fingerprint=fingerprint)
 
 
 _Loader = Callable[[str | os.PathLike[str], torch.device, torch.dtype, Engine], LoadedModel]

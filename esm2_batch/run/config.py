@@ -47,13 +47,16 @@ class OutputOptions:
     """out: esm_all.pt's path (its side files and <out>.partial/ go beside it);
     overwrite: replace an output or unfinished run made with other settings;
     save_isoforms: also write the isoforms as FASTA; write_h5ad: an .h5ad copy with the
-    vectors (needs an .h5ad gene list), pooled per gene by gene_pooling."""
+    vectors (needs an .h5ad gene list), pooled per gene by gene_pooling; strict: after
+    writing, raise EnsemblError if any gene is "incomplete" (sequences Ensembl did not
+    return), for pipelines that must not go on with a partial file."""
 
     out: Path = Path("esm_all.pt")
     overwrite: bool = False
     save_isoforms: Path | None = None
     write_h5ad: Path | None = None
     gene_pooling: GenePooling = "canonical"
+    strict: bool = False
 
 
 @dataclass(frozen=True)

@@ -21,18 +21,19 @@ from tqdm import tqdm
 
 from esm2_batch.embedding.embed import clean_sequence
 from esm2_batch.embedding.options import EmbedOptions
-from esm2_batch.errors import InputError
+from esm2_batch.errors import InputError, StoreError
 from esm2_batch.models import LoadedModel
 from esm2_batch.run.stages import MemorySink, StageOptions, make_stage
 from esm2_batch.sources.fasta import read_fasta
 from esm2_batch.store.atomic import atomic_save
-from esm2_batch.store.partial import sequence_key
+from esm2_batch.store.keys import RowKeys
 
 __all__ = ["FAILURE_LOG", "FastaResult", "fasta_output", "run_fasta"]
 
 log = logging.getLogger("esm2_batch")
 
 FAILURE_LOG = "extraction_failures.log"
+_KEYS = RowKeys("fasta")  # rows live in memory for one call of one model: no reuse to guard
 
 
 @dataclass
@@ -61,7 +62,7 @@ def run_fasta(inputs: Sequence[Path], *, model: LoadedModel, out_dir: Path | Non
     """Embed each FASTA file (see the module docstring); Ray actors load `model_source`
     (default: the model's name) on `device` (default: a GPU where the cluster has one)."""
     if out_dir is not None and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: no such output directory; create it first")
+        raise StoreError(f"{out_dir}: no such output directory; create it first")
     job = _FastaJob(model, embed or EmbedOptions(), stage or StageOptions(),
                     model_source or model.name, device)
     job.options.check(name=model.name, num_layers=model.num_layers,
@@ -99,8 +100,7 @@ class _FastaJob:
         valid, failures = _clean(records)
         rows, failed = self._embed(valid)
         failures += failed
-        kept = [(label, rows[sequence_key(seq)]) for label, seq in valid
-                if sequence_key(seq) in rows]
+        kept = [(label, rows[_KEYS.of(seq)]) for label, seq in valid if _KEYS.of(seq) in rows]
         data = {"proteins": [label for label, _ in kept],
                 "data": [row.to(torch.float32).clone() for _, row in kept]}
         atomic_save(data, result.out)
@@ -111,7 +111,7 @@ class _FastaJob:
                ) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
         """Rows by sequence key (float32) and (label, error) of what failed."""
         sink = MemorySink()
-        stage = make_stage(self.model, sink, self.options, self.stage,
+        stage = make_stage(self.model, sink, self.options, self.stage, keys=_KEYS,
                            model_source=self.model_source, device=self.device)
         stage.start()
         try:

@@ -31,9 +31,9 @@ import torch
 from tqdm import tqdm
 
 from esm2_batch.embedding.batching import SPECIAL_TOKENS
-from esm2_batch.errors import InputError, StoreError
+from esm2_batch.errors import InputError, ModelError, StoreError
 from esm2_batch.models import LoadedModel
-from esm2_batch.records import GeneIsoforms, GeneStatus
+from esm2_batch.records import GeneIsoforms, settled_status
 from esm2_batch.run.config import RunConfig
 from esm2_batch.run.reports import RunSummary, write_side_files
 from esm2_batch.run.stages import EmbedStage, make_stage
@@ -42,7 +42,8 @@ from esm2_batch.sources.gene_lists import GeneList, dedupe, read_gene_list
 from esm2_batch.sources.h5ad_genes import H5adGenes, read_h5ad_genes
 from esm2_batch.store.atomic import check_writable
 from esm2_batch.store.esm_file import EsmFile, assemble, read_esm_file, write_esm_file
-from esm2_batch.store.partial import PartialStore, describe_difference, sequence_key
+from esm2_batch.store.keys import RowKeys, settings_scope
+from esm2_batch.store.partial import PartialStore, describe_difference
 from esm2_batch.version import package_version
 
 __all__ = ["partial_dir", "run", "run_settings"]
@@ -53,7 +54,9 @@ def run(config: RunConfig, *, model: LoadedModel | None = None) -> RunSummary:
 
     `model` reuses an already loaded encoder (its settings must be what config names).
     """
-    return GeneRun(config, model).execute()
+    gene_run = GeneRun(config, model)
+    with gene_run.store:  # the partial store's lock is released on every way out
+        return gene_run.execute()
 
 
 def partial_dir(out: Path) -> Path:
@@ -62,9 +65,15 @@ def partial_dir(out: Path) -> Path:
 
 
 def run_settings(config: RunConfig, model: LoadedModel) -> dict[str, Any]:
-    """What the rows and the fetched isoforms depend on; a resume must match them."""
+    """What the rows and the fetched isoforms depend on; a resume or a reuse must match
+    them exactly. `weights` is the fingerprint of the weights themselves (not their file
+    name) and `compute_dtype` the precision the rows were computed in; the engines agree
+    within float32 rounding, far below the float16 the rows are stored in, so the engine
+    is recorded in meta but does not split the rows."""
     layer = config.embed.layer_index(name=model.name, num_layers=model.num_layers)
-    return {"model": model.name, "backend": model.backend, "embed_dim": model.embed_dim,
+    return {"model": model.name, "weights": model.fingerprint, "backend": model.backend,
+            "compute_dtype": str(model.dtype).removeprefix("torch."),
+            "embed_dim": model.embed_dim,
             "num_layers": model.num_layers, "layer": layer, "pooling": "mean",
             "truncation": config.embed.truncation, "long_seqs": config.embed.long_seqs,
             "species": config.source.species, "biotypes": sorted(config.source.biotypes)}
@@ -99,12 +108,14 @@ class GeneRun:
     def __init__(self, config: RunConfig, model: LoadedModel | None) -> None:
         self.config = config
         self.started = time.perf_counter()
+        config.embed.check_values()
         self.source = open_source(config.source)
         self.genes = Genes.read(config, self.source)
         _check_outputs(config, self.genes)
-        self.model = model or config.model.load()
+        self.model = model or self._load_model()
         _check_budget(config, self.model)
         self.settings = run_settings(config, self.model)
+        self.keys = RowKeys(settings_scope(self.settings))
         self.reused = _reusable(config, self.settings)
         self.store = PartialStore(partial_dir(config.out), self.settings,
                                   overwrite=config.output.overwrite)
@@ -113,6 +124,20 @@ class GeneRun:
                                   duplicates=list(self.genes.genes.duplicates),
                                   notes=self._notes())
 
+    def _load_model(self) -> LoadedModel:
+        """The model; when it cannot be loaded and the isoform source cannot be reached
+        either, one error names both, so the user does not learn of the second only after
+        fixing the first."""
+        try:
+            return self.config.model.load()
+        except ModelError as exc:
+            unreachable = self.source.unreachable()
+            if unreachable is None:
+                raise
+            raise ModelError(f"{exc}; and Ensembl cannot be used either: {unreachable}. "
+                             "Offline? --model_path FILE and --isoforms FILE (or "
+                             "--ensembl_files DIR) need no network") from None
+
     def _notes(self) -> list[str]:
         notes = [self.genes.h5ad.describe()] if self.genes.h5ad is not None else []
         described = self.source.describe()
@@ -120,7 +145,7 @@ class GeneRun:
 
     def execute(self) -> RunSummary:
         stage = make_stage(self.model, self.store, self.config.embed, self.config.stage,
-                           model_source=self.config.model.model,
+                           keys=self.keys, model_source=self.config.model.model,
                            device=self.config.model.device)
         stage.start()
         try:
@@ -166,10 +191,11 @@ class GeneRun:
         """Assemble and write esm_all.pt and the side files, then drop the partial store."""
         config, genes = self.config, self.genes.genes.genes
         failed = set(stage.failed)
-        chosen = {q: _without(self.records[q], failed) for q in genes if q in self.records}
+        chosen = {q: _without(self.records[q], failed, self.keys) for q in genes
+                  if q in self.records}
         self.summary.count(genes, chosen, self.reused, stage)
-        data = assemble(genes, chosen, self.store.load_rows(), dim=self.model.embed_dim,
-                        meta=self._meta(chosen), reused=self.reused)
+        data = assemble(genes, chosen, self.store.load_rows(), keys=self.keys,
+                        dim=self.model.embed_dim, meta=self._meta(chosen), reused=self.reused)
         written = write_esm_file(config.out, data)
         self.summary.isoforms = len(written.protein_ids)
         write_side_files(config.out, chosen, self.summary, stage.failed, written,
@@ -177,6 +203,8 @@ class GeneRun:
                          save_isoforms=config.output.save_isoforms)
         self._write_h5ad(written)
         self.store.remove()
+        if config.output.strict:  # only now: the rows that did come are on disk
+            self.summary.raise_if_incomplete()
 
     def _write_h5ad(self, written: EsmFile) -> None:
         target, h5ad = self.config.output.write_h5ad, self.genes.h5ad
@@ -204,10 +232,17 @@ class GeneRun:
         if self.genes.h5ad is not None:
             symbols.update(self.genes.h5ad.symbol_map())
         model = self.model
+        status = per_gene("status", lambda g: g.status, "ok")
         return {
             **self.settings, "settings": self.settings, "dtype": "float16",
             "compute_dtype": str(model.dtype).removeprefix("torch."), "engine": model.engine,
-            "status": per_gene("status", lambda g: g.status, "ok"),
+            "status": status,
+            "incomplete": sum(s == "incomplete" for s in status.values()),
+            "missing_protein_ids": per_gene(
+                "missing_protein_ids", lambda g: list(g.missing_protein_ids) or None, None),
+            "canonical_missing": per_gene(  # query -> the canonical ENSP that is missing
+                "canonical_missing",
+                lambda g: g.canonical_protein_id if g.canonical_missing else None, None),
             "gene_ids": per_gene("gene_ids", lambda g: g.gene_id, None),
             "symbols": symbols, **self._source_meta(old), "versions": _versions(),
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -272,15 +307,16 @@ def _reusable(config: RunConfig, settings: dict[str, Any]) -> EsmFile | None:
     return existing
 
 
-def _without(gene: GeneIsoforms, failed: set[str]) -> GeneIsoforms:
-    """Drop isoforms whose sequence failed to embed (they are reported, not hidden)."""
-    kept = tuple(i for i in gene.isoforms if sequence_key(i.sequence) not in failed)
+def _without(gene: GeneIsoforms, failed: set[str], keys: RowKeys) -> GeneIsoforms:
+    """Drop isoforms whose sequence failed to embed (they are reported, not hidden): they
+    join the missing ones, so the gene is "incomplete" rather than silently shorter."""
+    kept = tuple(i for i in gene.isoforms if keys.of(i.sequence) not in failed)
     if len(kept) == len(gene.isoforms):
         return gene
     dropped = tuple(i.protein_id for i in gene.isoforms if i not in kept)
-    status: GeneStatus = "ok" if kept else "no_protein"
-    return GeneIsoforms(gene.query, gene.gene_id, gene.symbol, kept, status,
-                        gene.missing_protein_ids + dropped)
+    missing = gene.missing_protein_ids + dropped
+    return GeneIsoforms(gene.query, gene.gene_id, gene.symbol, kept,
+                        settled_status(kept, missing), missing, gene.canonical_protein_id)
 
 
 def _versions() -> dict[str, str]:

@@ -37,6 +37,7 @@ from esm2_batch.embedding.options import EmbedOptions
 from esm2_batch.errors import InputError, ModelError, first_line
 from esm2_batch.models import Engine, LoadedModel
 from esm2_batch.run.stages import Named, PendingSequences, RowSink, StageOptions
+from esm2_batch.store.keys import RowKeys
 
 log = logging.getLogger("esm2_batch.ray")
 
@@ -205,8 +206,9 @@ class RayStage(PendingSequences):
     the distinct pending ones run on Ray actors and stream back into the sink."""
 
     def __init__(self, model: LoadedModel, sink: RowSink, options: EmbedOptions,
-                 stage: StageOptions, *, model_source: str, device: str | None) -> None:
-        super().__init__(model, sink, options, progress=stage.progress)
+                 stage: StageOptions, *, keys: RowKeys, model_source: str,
+                 device: str | None) -> None:
+        super().__init__(model, sink, options, keys=keys, progress=stage.progress)
         self.ray = RayOptions(address=stage.ray or "local", actors=stage.ray_actors,
                               device=device, engine=model.engine,
                               backend=model.backend)

@@ -16,6 +16,9 @@ not say which fix applies. `likely_reason` reads the query's shape and its statu
     query  status  gene_id  symbol  likely_reason
 
 The reasons are heuristics on the name, worded as "likely"; they never change a status.
+An "incomplete" gene (Ensembl announced translations but returned no sequence for some,
+even when asked twice) is listed too, with what is missing, since its rows are fewer than
+its isoforms and its first row may not be the canonical isoform.
 """
 
 from __future__ import annotations
@@ -24,21 +27,22 @@ import csv
 import io
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from esm2_batch.records import GeneIsoforms, is_ensembl_gene_id, strip_version
+from esm2_batch.errors import EnsemblError, name_some
+from esm2_batch.records import GeneIsoforms, GeneStatus, is_ensembl_gene_id, strip_version
 from esm2_batch.sources.isoforms_fasta import write_isoforms_fasta
 from esm2_batch.store.atomic import atomic_text
 from esm2_batch.store.esm_file import EsmFile
-from esm2_batch.store.partial import sequence_key
 
 __all__ = [
     "REPORT_COLUMNS",
     "RunSummary",
     "case_insensitive_matches",
+    "incomplete_reason",
     "likely_reason",
     "unresolved_report_path",
     "unresolved_rows",
@@ -47,6 +51,8 @@ __all__ = [
 ]
 
 REPORT_COLUMNS = ("query", "status", "gene_id", "symbol", "likely_reason")
+# A finished run's esm_all.pt is reused as is, so only --overwrite asks Ensembl again.
+RETRY = "rerun with --overwrite to retry"
 
 # Ensembl gene-ID prefixes (before the G) of common species: ENSG human, ENSMUSG mouse, ...
 _ID_SPECIES = {"ENS": "homo_sapiens", "ENSMUS": "mus_musculus", "ENSRNO": "rattus_norvegicus",
@@ -87,6 +93,8 @@ def likely_reason(query: str, status: str, *, species: str | None = None) -> str
     if status == "no_protein":
         return ("non-coding gene: no protein-coding transcript (of the requested biotypes), "
                 "so no ESM2 vector")
+    if status == "incomplete":
+        return f"protein sequences not returned by Ensembl; {RETRY}"
     query = query.strip()
     if is_ensembl_gene_id(query):
         return _id_reason(query, species)
@@ -185,30 +193,69 @@ def unresolved_report_path(out: str | os.PathLike[str]) -> Path:
     return out.with_name(out.stem + ".unresolved.tsv")
 
 
-def unresolved_rows(genes: Iterable[GeneIsoforms], *,
-                    species: str | None = None) -> list[tuple[str, str, str, str, str]]:
-    """One row per query that is not "ok", in input order."""
+def incomplete_reason(missing: Sequence[str], *, rows: int, canonical_missing: bool,
+                      failed: Collection[str] = ()) -> str:
+    """What an incomplete gene lacks, e.g. "2 of 5 protein sequences not returned by
+    Ensembl (ENSP1, ENSP2, canonical missing); rerun with --overwrite to retry".
+
+    `rows` is how many isoforms the gene kept; `failed` names proteins that did arrive
+    but failed to embed (listed in the .failed.tsv file, not Ensembl's doing).
+    """
+    total = rows + len(missing)
+    lost = [p for p in missing if p not in failed]
+    broken = [p for p in missing if p in failed]
+    canonical = ", canonical missing" if canonical_missing else ""
+    parts = []
+    if lost:
+        parts.append(f"{len(lost)} of {total} protein sequences not returned by Ensembl "
+                     f"({name_some(lost)}{canonical}); {RETRY}")
+    if broken:
+        parts.append(f"{len(broken)} of {total} protein sequences failed to embed "
+                     f"({name_some(broken)}{'' if lost else canonical}; see the "
+                     ".failed.tsv file)")
+    return "; ".join(parts)
+
+
+def unresolved_rows(genes: Iterable[GeneIsoforms], *, species: str | None = None,
+                    rows: Mapping[str, int] | None = None, failed: Collection[str] = ()
+                    ) -> list[tuple[str, str, str, str, str]]:
+    """One row per query that is not "ok", in input order.
+
+    `rows` (query -> rows in the file) counts an incomplete gene's kept isoforms when its
+    record does not hold them (a gene reused from an earlier file); `failed` as in
+    incomplete_reason.
+    """
     return [(g.query, g.status, g.gene_id or "", g.symbol or "",
-             likely_reason(g.query, g.status, species=species))
+             _reason(g, species, rows or {}, failed))
             for g in genes if g.status != "ok"]
 
 
+def _reason(gene: GeneIsoforms, species: str | None, rows: Mapping[str, int],
+            failed: Collection[str]) -> str:
+    if gene.status != "incomplete":
+        return likely_reason(gene.query, gene.status, species=species)
+    return incomplete_reason(gene.missing_protein_ids,
+                             rows=rows.get(gene.query, len(gene.isoforms)),
+                             canonical_missing=gene.canonical_missing, failed=failed)
+
+
 def write_unresolved_report(path: str | os.PathLike[str], genes: Iterable[GeneIsoforms], *,
-                            species: str | None = None) -> Path | None:
+                            species: str | None = None, rows: Mapping[str, int] | None = None,
+                            failed: Collection[str] = ()) -> Path | None:
     """Write the TSV (header + one row per unresolved query); return its path.
 
     With nothing unresolved, a stale report from an earlier run is removed and None is
     returned, so the file's presence alone says something needs a look.
     """
     path = Path(path)
-    rows = unresolved_rows(genes, species=species)
-    if not rows:
+    found = unresolved_rows(genes, species=species, rows=rows, failed=failed)
+    if not found:
         path.unlink(missing_ok=True)
         return None
     buffer = io.StringIO()
     writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
     writer.writerow(REPORT_COLUMNS)
-    writer.writerows(rows)
+    writer.writerows(found)
     atomic_text(path, buffer.getvalue())
     return path
 
@@ -240,6 +287,8 @@ class RunSummary:
     resolved: int = 0
     no_protein: list[str] = field(default_factory=list)
     not_found: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
+    canonical_missing: list[str] = field(default_factory=list)
     isoforms: int = 0
     distinct_sequences: int = 0
     embedded_now: int = 0
@@ -266,6 +315,7 @@ class RunSummary:
             f"genes in: {self.genes_in} ({len(self.duplicates)} duplicates dropped)",
             f"resolved: {self.resolved}, without protein: {len(self.no_protein)}, "
             f"not found: {len(self.not_found)}",
+            *self._incomplete_lines(),
             f"isoforms: {self.isoforms}, distinct sequences: {self.distinct_sequences} "
             f"({self.embedded_now} embedded now, {self.reused_rows} rows reused)",
             f"tokens embedded: {self.tokens}, failed sequences: {len(self.failed)}",
@@ -274,27 +324,71 @@ class RunSummary:
             f"wrote {self.out}",
         ]
 
+    def _incomplete_lines(self) -> list[str]:
+        """The incomplete genes' line (none when every announced sequence came)."""
+        if not self.incomplete:
+            return []
+        line = (f"incomplete: {len(self.incomplete)} genes ({len(self.missing_sequences)} "
+                f"sequences missing): {name_some(self.incomplete)}; see "
+                f"{unresolved_report_path(self.out).name}")
+        if self.canonical_missing:
+            line += (f"; canonical isoform missing, first row not canonical: "
+                     f"{name_some(self.canonical_missing)}")
+        return [line]
+
     def count(self, genes: Sequence[str], chosen: Mapping[str, GeneIsoforms],
               reused: EsmFile | None, stage: StageCounts) -> None:
         """Tally statuses (fresh records first, else what the reused file recorded)."""
-        old_status = reused.meta.get("status", {}) if reused is not None else {}
+        old = reused.meta if reused is not None else {}
         for query in genes:
             gene = chosen.get(query)
-            status = gene.status if gene is not None else old_status.get(query, "ok")
+            status = gene.status if gene is not None else old.get("status", {}).get(query, "ok")
             if gene is None and reused is not None:
                 self.reused_rows += len(reused.rows_of(query))
-            if status == "ok":
-                self.resolved += 1
-            elif status == "no_protein":
-                self.no_protein.append(query)
-            else:
-                self.not_found.append(query)
-            if gene is not None:
-                self.missing_sequences += list(gene.missing_protein_ids)
-        self.distinct_sequences = len({sequence_key(i.sequence) for g in chosen.values()
+            self._tally(query, status)
+            self._tally_missing(query, gene, old)
+        self.distinct_sequences = len({i.sequence for g in chosen.values()
                                        for i in g.isoforms})
         self.embedded_now, self.tokens, self.embed_s = stage.embedded, stage.tokens, stage.busy_s
         self.failed = sorted(name for name, _ in stage.failed.values())
+
+    def _tally(self, query: str, status: str) -> None:
+        if status == "ok":
+            self.resolved += 1
+        elif status == "incomplete":
+            self.incomplete.append(query)
+        elif status == "no_protein":
+            self.no_protein.append(query)
+        else:
+            self.not_found.append(query)
+
+    def _tally_missing(self, query: str, gene: GeneIsoforms | None,
+                       old: Mapping[str, Any]) -> None:
+        """Missing sequences of a fresh record, else those the reused file's meta lists."""
+        if gene is not None:
+            missing, canonical = list(gene.missing_protein_ids), gene.canonical_missing
+        else:
+            missing = list(_per_gene(old, "missing_protein_ids").get(query) or ())
+            canonical = query in _per_gene(old, "canonical_missing")
+        self.missing_sequences += missing
+        if canonical:
+            self.canonical_missing.append(query)
+
+    def raise_if_incomplete(self) -> None:
+        """--strict: incomplete genes are an Ensembl failure (exit 3). Called after the
+        output is written, so the rows that did come are kept for the rerun."""
+        if self.incomplete:
+            raise EnsemblError(
+                f"--strict: {len(self.incomplete)} genes incomplete, "
+                f"{len(self.missing_sequences)} protein sequences missing; {self.out} "
+                f"holds the rest (see {unresolved_report_path(self.out).name}); {RETRY}",
+                queries=self.incomplete)
+
+
+def _per_gene(meta: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """meta[key] as a query -> value dict ({} when absent or of another shape)."""
+    value = meta.get(key)
+    return value if isinstance(value, Mapping) else {}
 
 
 def write_side_files(out: Path, chosen: Mapping[str, GeneIsoforms], summary: RunSummary,
@@ -303,14 +397,27 @@ def write_side_files(out: Path, chosen: Mapping[str, GeneIsoforms], summary: Run
     """not_found list, the unresolved report and failures next to `out`; --save_isoforms."""
     write_list(summary.not_found_path, summary.not_found)
     status = written.meta.get("status", {})
-    gene_ids = written.meta.get("gene_ids", {})
-    unresolved = [chosen.get(q) or GeneIsoforms(q, gene_ids.get(q), None, (), status[q])
+    unresolved = [chosen.get(q) or _recorded(q, written.meta)
                   for q in written.genes if status.get(q, "ok") != "ok"]
-    write_unresolved_report(unresolved_report_path(out), unresolved, species=species)
+    rows = {q: len(i) for q, i in written.gene_to_isoform_indices.items()}
+    write_unresolved_report(unresolved_report_path(out), unresolved, species=species,
+                            rows=rows, failed={name for name, _ in failed.values()})
     write_list(out.with_name(out.stem + ".failed.tsv"),
                sorted(f"{name}\t{error}" for name, error in failed.values()))
     if save_isoforms is not None:
         write_isoforms_fasta(save_isoforms, chosen.values())
+
+
+def _recorded(query: str, meta: Mapping[str, Any]) -> GeneIsoforms:
+    """A gene reused from an earlier file, rebuilt from what its meta recorded."""
+    missing = tuple(str(p) for p in _per_gene(meta, "missing_protein_ids").get(query) or ())
+    recorded = _per_gene(meta, "status").get(query)
+    status: GeneStatus = ("incomplete" if missing else
+                          "no_protein" if recorded == "no_protein" else "not_found")
+    canonical = _per_gene(meta, "canonical_missing").get(query)
+    gene_id = _per_gene(meta, "gene_ids").get(query)
+    return GeneIsoforms(query, gene_id if isinstance(gene_id, str) else None, None, (),
+                        status, missing, canonical if isinstance(canonical, str) else None)
 
 
 def write_list(path: Path, lines: Iterable[str]) -> None:

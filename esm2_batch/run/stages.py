@@ -7,10 +7,12 @@ ray_stage.py), used by gene mode and FASTA mode alike.
                                          ▼
                                    RowSink.add_rows(keys, float32 rows)
 
-Rows are keyed by `store.partial.sequence_key`, so a sequence shared by several genes or
-FASTA records is embedded once. Every stage hands the sink float32 rows exactly as the
-embedder returns them; the sink decides what it stores (the partial store float16, FASTA
-mode float32), so both stages give the same rows in the same dtype for the same input.
+Rows are keyed by `store.keys.RowKeys` (the run's settings digest and the sequence), so a
+sequence shared by several genes or FASTA records is embedded once, and a row made under
+other settings or weights never stands in for one of this run. Every stage hands the sink
+float32 rows exactly as the embedder returns them; the sink decides what it stores (the
+partial store float16, FASTA mode float32), so both stages give the same rows in the same
+dtype for the same input.
 A sequence that cannot be embedded is recorded in `failed` by key, never dropped silently.
 """
 
@@ -30,7 +32,7 @@ from esm2_batch.embedding.embed import clean_sequence, embed_rows
 from esm2_batch.embedding.options import EmbedOptions
 from esm2_batch.errors import InputError
 from esm2_batch.models import LoadedModel
-from esm2_batch.store.partial import sequence_key
+from esm2_batch.store.keys import RowKeys
 
 Named = tuple[str, str]
 """(name, sequence): a protein ID or a FASTA label, and its residues."""
@@ -94,8 +96,8 @@ class PendingSequences:
     sink, failures recorded by key, and the residues-embedded progress bar."""
 
     def __init__(self, model: LoadedModel, sink: RowSink, options: EmbedOptions, *,
-                 progress: bool) -> None:
-        self.model, self.sink, self.options = model, sink, options
+                 keys: RowKeys, progress: bool) -> None:
+        self.model, self.sink, self.options, self.keys = model, sink, options, keys
         self.done: set[str] = sink.embedded_keys()
         self.failed: dict[str, tuple[str, str]] = {}
         self.embedded = self.tokens = 0
@@ -106,7 +108,7 @@ class PendingSequences:
 
     def _add(self, items: Sequence[Named]) -> None:
         for name, sequence in items:
-            key = sequence_key(sequence)
+            key = self.keys.of(sequence)
             if key in self.done or key in self._pending or key in self.failed:
                 continue
             try:
@@ -156,8 +158,8 @@ class ThreadStage(PendingSequences, threading.Thread):
     _CLOSE: Sequence[Named] = (("", ""),)  # a sentinel no caller can submit (empty names)
 
     def __init__(self, model: LoadedModel, sink: RowSink, options: EmbedOptions, *,
-                 progress: bool, queue_items: int = 256) -> None:
-        PendingSequences.__init__(self, model, sink, options, progress=progress)
+                 keys: RowKeys, progress: bool, queue_items: int = 256) -> None:
+        PendingSequences.__init__(self, model, sink, options, keys=keys, progress=progress)
         threading.Thread.__init__(self, name="esm2-embed", daemon=True)
         self.queue: queue.Queue[Sequence[Named]] = queue.Queue(maxsize=queue_items)
         self.error: BaseException | None = None
@@ -283,13 +285,15 @@ class StageOptions:
 
 
 def make_stage(model: LoadedModel, sink: RowSink, options: EmbedOptions,
-               stage: StageOptions, *, model_source: str, device: str | None) -> EmbedStage:
+               stage: StageOptions, *, keys: RowKeys, model_source: str,
+               device: str | None) -> EmbedStage:
     """The stage `stage` asks for. A Ray actor loads `model_source` (a size, a name or a
     checkpoint path) on `device` as the user gave it (None: a GPU where the cluster has
     one), with the engine and backend `model` was loaded with."""
     if stage.ray is None:
-        return ThreadStage(model, sink, options, progress=stage.progress,
+        return ThreadStage(model, sink, options, keys=keys, progress=stage.progress,
                            queue_items=stage.queue_items)
     from esm2_batch.run.ray_stage import RayStage  # Ray is an optional extra
 
-    return RayStage(model, sink, options, stage, model_source=model_source, device=device)
+    return RayStage(model, sink, options, stage, keys=keys, model_source=model_source,
+                    device=device)

@@ -13,11 +13,15 @@ SourceOptions, so an orchestrator never asks which it holds.
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
 
+from esm2_batch.errors import InputError
 from esm2_batch.records import GeneIsoforms
 
 __all__ = ["IsoformSource", "Provenance", "SourceOptions", "open_source"]
@@ -45,6 +49,35 @@ class SourceOptions:
     ensembl_files: Path | None = None
     ensembl_release: int | None = None
 
+    def check(self) -> None:
+        """One-line InputError for values that would hang (nan), divide by zero (inf, 0),
+        or be retried for minutes (a URL that is not http(s)), before any work starts."""
+        rate = self.rate_limit
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not (
+                math.isfinite(rate) and rate > 0):
+            raise InputError(f"--rate_limit {rate!r}: give requests per second as a positive "
+                             "finite number (Ensembl allows about 15)")
+        workers = self.parallel_workers
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise InputError(f"--parallel_workers {workers!r}: give a whole number of "
+                             "requests in flight, 1 or more")
+        url = self.ensembl_url or os.environ.get("ENSEMBL_REST_URL")
+        if url and self.isoforms is None and self.ensembl_files is None:
+            check_url(url)
+        if self.ensembl_release is not None and self.ensembl_release < 1:
+            raise InputError(f"--ensembl_release {self.ensembl_release}: give a release "
+                             "number such as 112")
+        if not self.biotypes:
+            raise InputError("--biotypes: give at least one biotype, e.g. protein_coding")
+
+
+def check_url(url: str) -> None:
+    """An http(s) URL with a host, or a one-line InputError naming it."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InputError(f"--ensembl_url (or $ENSEMBL_REST_URL) {url!r}: not an http(s) URL; "
+                         "give one like https://rest.ensembl.org or a mirror's address")
+
 
 class IsoformSource(Protocol):
     """What the orchestrator asks of a source of isoforms."""
@@ -61,10 +94,15 @@ class IsoformSource(Protocol):
     def known_queries(self) -> Sequence[str] | None:
         """The genes the source itself lists (an isoforms FASTA), else None."""
 
+    def unreachable(self) -> str | None:
+        """Why the source cannot be used right now (a server that does not answer), else
+        None; asked when another problem stops the run, so both are reported at once."""
+
 
 def open_source(options: SourceOptions) -> IsoformSource:
-    """The source `options` names, loaded and checked now (a missing FASTA or FTP file is
-    an error before any work); REST connects when streaming starts."""
+    """The source `options` names, loaded and checked now (bad flag values, a missing FASTA
+    or FTP file are errors before any work); REST connects when streaming starts."""
+    options.check()
     if options.isoforms is not None:
         from esm2_batch.sources.isoforms_fasta import IsoformsFastaSource
 

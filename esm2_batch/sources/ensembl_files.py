@@ -481,5 +481,8 @@ class EnsemblFilesSource:
     def describe(self) -> str | None:
         return f"isoforms from Ensembl files: {self.files.pep}"
 
+    def unreachable(self) -> str | None:
+        return None  # local files, checked when opened
+
     def known_queries(self) -> Sequence[str] | None:
         return None

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from esm2_batch.errors import InputError
+from esm2_batch.errors import InputError, first_line
 from esm2_batch.records import query_key
 
 _GENE_COLUMNS = ("gene_id", "gene_ids", "ensembl_id", "gene", "gene_symbol", "symbol",
@@ -66,14 +66,21 @@ def read_gene_list(path: str | Path, *, column: str | None = None) -> GeneList:
 
 
 def _read_text(path: Path) -> str:
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a gene list; pass the file inside "
+                         "it to --hvg_file")
     if not path.is_file():
         raise InputError(f"{path}: no such gene list file; pass an existing file to "
                          "--hvg_file")
     try:
-        return path.read_text(encoding="utf-8-sig")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read the gene list ({exc}); save it as UTF-8 "
-                         "text") from exc
+        raise InputError(f"{path}: cannot read the gene list ({first_line(exc)}); save it as "
+                         "UTF-8 text") from exc
+    if "\0" in text or any(not c.isprintable() and not c.isspace() for c in text):
+        raise InputError(f"{path}: holds binary data, not a gene list; pass a text file "
+                         "with one gene symbol or Ensembl gene ID per line")
+    return text
 
 
 def _text_lines(text: str) -> list[str]:

@@ -88,5 +88,8 @@ class IsoformsFastaSource:
     def describe(self) -> str | None:
         return None
 
+    def unreachable(self) -> str | None:
+        return None  # local files, checked when opened
+
     def known_queries(self) -> Sequence[str] | None:
         return list(self.genes)

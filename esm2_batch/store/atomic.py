@@ -9,6 +9,9 @@ a name a reader trusts. How:
   a filesystem), flush and fsync the data, rename over the target, fsync the directory
   so the rename itself survives a power cut;
 - on any failure (an exception, Ctrl-C) remove the temporary file and re-raise;
+- a full disk or quota (ENOSPC, EDQUOT) becomes one StoreError line naming the file, the
+  space it needed and the space free (disk_errors, also used by the partial store's
+  isoform log), instead of a traceback from deep inside torch.save;
 - give the file the mode any file the user creates gets: 0666 minus the umask.
   ``tempfile.mkstemp`` creates 0600 files, which would leave results unreadable to the
   lab's group whatever its umask; the mode is set on the open descriptor before the
@@ -18,6 +21,7 @@ a name a reader trusts. How:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -27,10 +31,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from esm2_batch.errors import InputError
+from esm2_batch.errors import StoreError
 
 __all__ = ["atomic_copy", "atomic_json", "atomic_path", "atomic_save", "atomic_text",
-           "atomic_write", "check_writable", "file_mode"]
+           "atomic_write", "check_writable", "disk_errors", "file_mode", "human_bytes"]
+
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 _UMASK_LOCK = threading.Lock()
 
@@ -54,28 +60,79 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def disk_errors(path: str | os.PathLike[str], needed_bytes: int | None = None
+                ) -> Iterator[None]:
+    """Turn a full disk or quota (ENOSPC, EDQUOT) inside the block into one StoreError
+    line: the user can act on "free space and rerun", not on an OSError from torch.save.
+
+    The one place this translation lives: the atomic writer and the isoform log use it.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        raise StoreError(_disk_full_message(Path(path), exc.errno, needed_bytes)) from exc
+
+
+def _disk_full_message(path: Path, code: int, needed_bytes: int | None) -> str:
+    """'<path>: no space left on device writing 2.0 MiB (512.0 KiB free); ...'."""
+    needed = f" writing {human_bytes(needed_bytes)}" if needed_bytes is not None else ""
+    free = _free_bytes(path)
+    free_text = f" ({human_bytes(free)} free)" if free is not None else ""
+    return (f"{path}: {os.strerror(code).lower()}{needed}{free_text}; free space and rerun "
+            "the same command to resume")
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free space on the filesystem holding `path` (its nearest existing ancestor)."""
+    for folder in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            if folder.exists():
+                return shutil.disk_usage(folder).free
+    return None
+
+
+def human_bytes(count: int) -> str:
+    """1536 -> '1.5 KiB': sizes in messages a person reads."""
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{count} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, needed_bytes: int | None = None
+                ) -> Iterator[Path]:
     """Yield a temporary path next to `path`; when the block ends without error, the file
     written there is fsynced, given the umask's mode and renamed onto `path`.
 
-    For writers that want a file name rather than a handle (h5py, a copy).
+    For writers that want a file name rather than a handle (h5py, a copy). A full disk
+    becomes a StoreError (disk_errors), after the temporary file is removed.
     """
     target = Path(path)
-    directory = target.resolve().parent
-    fd, name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        _finish(tmp, target, directory)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with disk_errors(target, needed_bytes):
+        directory = target.resolve().parent
+        fd, name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            _finish(tmp, target, directory)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
-    """Call `write(handle)` on a temporary file, then publish it atomically at `path`."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None], *,
+                 needed_bytes: int | None = None) -> None:
+    """Call `write(handle)` on a temporary file, then publish it atomically at `path`.
+
+    `needed_bytes` (the size about to be written, where known) goes into a disk-full
+    message."""
+    with atomic_path(path, needed_bytes=needed_bytes) as tmp, open(tmp, "wb") as handle:
         write(handle)
 
 
@@ -86,7 +143,7 @@ def atomic_text(path: str | os.PathLike[str], text: str) -> None:
     def write(handle: BinaryIO) -> None:
         handle.write(data)
 
-    atomic_write(path, write)
+    atomic_write(path, write, needed_bytes=len(data))
 
 
 def atomic_json(path: str | os.PathLike[str], data: object) -> None:
@@ -94,11 +151,12 @@ def atomic_json(path: str | os.PathLike[str], data: object) -> None:
     atomic_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
-def atomic_save(obj: object, path: str | os.PathLike[str]) -> None:
+def atomic_save(obj: object, path: str | os.PathLike[str], *,
+                needed_bytes: int | None = None) -> None:
     """torch.save, atomically (torch is imported here, not by the module)."""
     import torch
 
-    atomic_write(path, lambda handle: torch.save(obj, handle))
+    atomic_write(path, lambda handle: torch.save(obj, handle), needed_bytes=needed_bytes)
 
 
 def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str],
@@ -119,19 +177,29 @@ def _copy_dir(source: Path, target: Path, edit: Callable[[Path], None] | None) -
     staging = Path(tempfile.mkdtemp(dir=target.resolve().parent, prefix=f".{target.name}."))
     try:
         tmp = staging / "copy"
-        shutil.copytree(source, tmp)
+        # copyfile, not copy2: new files get the umask's mode, not the source's; a
+        # read-only source (a shared dataset) must still give a copy `edit` can change
+        shutil.copytree(source, tmp, copy_function=shutil.copyfile)
+        _dir_modes(tmp)  # copytree copies the directories' modes
         if edit is not None:
             edit(tmp)
-        for root, dirs, files in os.walk(tmp):
+        _dir_modes(tmp)
+        for root, _dirs, files in os.walk(tmp):
             for entry in files:
                 _sync_file(Path(root) / entry)
-            for entry in dirs:
-                (Path(root) / entry).chmod(0o777 & ~_umask())
-        tmp.chmod(0o777 & ~_umask())
         os.rename(tmp, target)
         _sync_dir(target.resolve().parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _dir_modes(top: Path) -> None:
+    """Give `top` and every directory below it the mode mkdir would: 0777 minus the umask."""
+    mode = 0o777 & ~_umask()
+    top.chmod(mode)
+    for root, dirs, _files in os.walk(top):
+        for entry in dirs:
+            (Path(root) / entry).chmod(mode)
 
 
 def _finish(tmp: Path, target: Path, directory: Path) -> None:
@@ -161,13 +229,14 @@ def _sync_dir(directory: Path) -> None:
 
 
 def check_writable(path: Path, *, flag: str, example: str) -> None:
-    """Fail before any work, naming the flag, if `path` cannot be written as a file."""
+    """Fail before any work, naming the flag, if `path` cannot be written as a file
+    (a StoreError: exit 6, like every output problem)."""
     if path.is_dir():
-        raise InputError(f"{path}: is a directory; {flag} takes a file name like {example}")
+        raise StoreError(f"{path}: is a directory; {flag} takes a file name like {example}")
     parent = path.resolve().parent
     if not parent.is_dir():
-        raise InputError(f"{parent}: the output directory does not exist; create it or "
+        raise StoreError(f"{parent}: the output directory does not exist; create it or "
                          f"choose another {flag}")
     if not os.access(parent, os.W_OK):
-        raise InputError(f"{parent}: the output directory is not writable; choose another "
+        raise StoreError(f"{parent}: the output directory is not writable; choose another "
                          f"{flag}")

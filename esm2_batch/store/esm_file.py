@@ -22,7 +22,7 @@ import torch
 from esm2_batch.errors import InputError, StoreError, name_some
 from esm2_batch.records import GeneIsoforms, query_key
 from esm2_batch.store.atomic import atomic_save
-from esm2_batch.store.partial import sequence_key
+from esm2_batch.store.keys import RowKeys
 
 REQUIRED_KEYS = ("emb", "genes", "protein_ids", "gene_to_isoform_indices")
 
@@ -99,20 +99,21 @@ def assemble(
     records: Mapping[str, GeneIsoforms],
     rows: Mapping[str, torch.Tensor],
     *,
+    keys: RowKeys,
     dim: int,
     meta: dict[str, Any],
     reused: EsmFile | None = None,
 ) -> dict[str, Any]:
     """Build the contract's dict: rows gene by gene in input order, canonical first.
 
-    A gene with a fresh record takes its rows from `rows`; one without takes them from
-    `reused` (an earlier esm_all.pt made with the same settings).
+    A gene with a fresh record takes its rows from `rows` (by `keys`); one without takes
+    them from `reused` (an earlier esm_all.pt made with the same settings).
     """
     parts: list[torch.Tensor] = []
     protein_ids: list[str] = []
     index: dict[str, list[int]] = {}
     for gene in genes:
-        ids, gene_rows = _gene_rows(gene, records, rows, reused)
+        ids, gene_rows = _gene_rows(gene, records, rows, keys, reused)
         index[gene] = list(range(len(protein_ids), len(protein_ids) + len(ids)))
         protein_ids += ids
         parts += gene_rows
@@ -122,13 +123,13 @@ def assemble(
 
 
 def _gene_rows(gene: str, records: Mapping[str, GeneIsoforms],
-               rows: Mapping[str, torch.Tensor],
+               rows: Mapping[str, torch.Tensor], keys: RowKeys,
                reused: EsmFile | None) -> tuple[list[str], list[torch.Tensor]]:
     record = records.get(gene)
     if record is not None:
         isoforms = record.isoforms
         return ([i.protein_id for i in isoforms],
-                [rows[sequence_key(i.sequence)] for i in isoforms])
+                [rows[keys.of(i.sequence)] for i in isoforms])
     if reused is not None and gene in reused.gene_to_isoform_indices:
         old = reused.rows_of(gene)
         return [reused.protein_ids[i] for i in old], [reused.emb[i] for i in old]

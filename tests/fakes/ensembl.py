@@ -6,8 +6,10 @@ Shaped on the real replies in tests/fixtures/ensembl/ (BRAF, release 94):
   more than 1000 ids -> 400 {"error": ...}.
 - POST /lookup/symbol/{species} {"symbols", "expand"}: unknown symbols left out.
 - POST /sequence/id {"ids", "type": "protein"}: a list of {query, id, version, seq,
-  molecule, desc}; a gene id returns every translation; more than 50 ids -> 400; ids in
-  `drop_ids` are silently left out, as Ensembl does with failures.
+  molecule, desc}; a gene id returns every translation; more than 50 ids -> 400; proteins
+  in `drop_ids` are silently left out, as Ensembl does with failures: only the first time
+  each is asked for (`drop_once=True`, a transient failure the client's second request
+  recovers) or on every request (`drop_once=False`, a persistent one).
 - A token-bucket rate limit answering 429 with fractional Retry-After and the
   X-RateLimit-* headers; latency plus transfer time; faults injected on demand
   (status codes, HTML bodies, stalls, connection resets); per-endpoint request counts.
@@ -141,7 +143,7 @@ class FakeEnsembl:
     max_lookup: int = 1000
     max_sequence: int = 50
     drop_ids: set[str] = field(default_factory=set)          # dropped from sequence replies
-    drop_once: bool = True                    # a dropped id comes back on the next ask
+    drop_once: bool = True                    # True: transient; False: dropped every time
     faults: list[Fault] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
     bodies: list[tuple[str, dict[str, Any]]] = field(default_factory=list)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from esm2_batch.errors import InputError
+from esm2_batch.errors import InputError, StoreError
 from esm2_batch.outputs.h5ad import ESM_KEY, annotate_anndata, write_h5ad
 from esm2_batch.sources.h5ad_genes import read_h5ad_genes
 from esm2_batch.store.esm_file import EsmFile, gene_vectors, validate
@@ -194,7 +194,7 @@ def test_write_refuses_its_input_and_a_wrong_query_count(tmp_path: Path) -> None
         write_h5ad(src, src, esm)
     with pytest.raises(InputError, match="one query \\(or None\\) per var row"):
         write_h5ad(src, tmp_path / "o.h5ad", esm, queries_for_vars=[IDS[0]])
-    with pytest.raises(InputError, match="output directory does not exist"):
+    with pytest.raises(StoreError, match="output directory does not exist"):
         write_h5ad(src, tmp_path / "no" / "o.h5ad", esm)
     assert not (tmp_path / "o.h5ad").exists()
 

@@ -262,6 +262,7 @@ async def test_dropped_sequence_ids_are_asked_again(serve: Start) -> None:
         (gene,) = await c.fetch_isoforms(["BRAF"])
     assert [i.protein_id for i in gene.isoforms] == BRAF_CODING
     assert fake.counts["sequence"] == 2 and gene.missing_protein_ids == ()
+    assert gene.status == "ok" and gene.canonical_protein_id == BRAF_CANONICAL
 
 
 async def test_ids_dropped_for_good_are_recorded_not_lost(serve: Start) -> None:
@@ -270,6 +271,25 @@ async def test_ids_dropped_for_good_are_recorded_not_lost(serve: Start) -> None:
         (gene,) = await c.fetch_isoforms(["BRAF"])
     assert len(gene.isoforms) == 4 and gene.missing_protein_ids == ("ENSP00000419060",)
     assert gene.isoforms[0].protein_id == BRAF_CANONICAL
+    assert gene.status == "incomplete" and gene.canonical_protein_id == BRAF_CANONICAL
+    assert not gene.canonical_missing
+
+
+async def test_a_dropped_canonical_is_said_not_hidden(serve: Start) -> None:
+    fake = await serve(drop_ids={BRAF_CANONICAL}, drop_once=False)
+    async with client(fake) as c:
+        (gene,) = await c.fetch_isoforms(["BRAF"])
+    assert gene.status == "incomplete" and gene.canonical_missing
+    assert gene.canonical is None and gene.isoforms[0].protein_id == BRAF_CODING[1]
+
+
+async def test_a_coding_gene_with_every_sequence_dropped_is_not_no_protein(
+        serve: Start) -> None:
+    fake = await serve(drop_ids=set(BRAF_CODING), drop_once=False)
+    async with client(fake) as c:
+        (gene,) = await c.fetch_isoforms(["BRAF"])
+    assert gene.status == "incomplete" and gene.isoforms == ()
+    assert gene.missing_protein_ids == tuple(sorted(BRAF_CODING)) and gene.canonical_missing
 
 
 async def test_low_remaining_budget_slows_down(serve: Start) -> None:

@@ -58,7 +58,7 @@ def test_ensembl_ids_and_versions() -> None:
 
 def test_records_round_trip_and_validate() -> None:
     iso = Isoform("ENSP1", "ENST1", "ENSG1", "MKV", True, "protein_coding")
-    gene = GeneIsoforms("G", "ENSG1", "G", (iso,), "ok", ("ENSP2",))
+    gene = GeneIsoforms("G", "ENSG1", "G", (iso,), "incomplete", ("ENSP2",))
     assert GeneIsoforms.from_dict(gene.to_dict()) == gene
     assert gene.canonical == iso
     with pytest.raises(ValueError):

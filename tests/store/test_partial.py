@@ -12,7 +12,8 @@ from esm2_batch.errors import StoreError
 from esm2_batch.records import GeneIsoforms, Isoform
 from esm2_batch.store.atomic import atomic_save
 from esm2_batch.store.esm_file import assemble, read_esm_file, validate, write_esm_file
-from esm2_batch.store.partial import PartialStore, sequence_key
+from esm2_batch.store.keys import RowKeys
+from esm2_batch.store.partial import PartialStore
 
 SETTINGS = {"model": "m", "layer": 2, "truncation": 1022}
 
@@ -24,22 +25,23 @@ def gene(query: str, *seqs: str) -> GeneIsoforms:
 
 
 def test_torn_last_line_is_cut_and_appending_goes_on(tmp_path: Path) -> None:
-    store = PartialStore(tmp_path / "p", SETTINGS)
-    store.append_genes([gene("A", "MK"), gene("B")])
+    with PartialStore(tmp_path / "p", SETTINGS) as store:
+        store.append_genes([gene("A", "MK"), gene("B")])
     with open(tmp_path / "p" / "isoforms.jsonl", "a") as handle:
         handle.write('{"query": "C", "isof')  # killed mid-write
-    again = PartialStore(tmp_path / "p", SETTINGS)
-    assert list(again.cached_genes()) == ["A", "B"]
-    again.append_genes([gene("C", "MV")])
-    assert list(PartialStore(tmp_path / "p", SETTINGS).cached_genes()) == ["A", "B", "C"]
+    with PartialStore(tmp_path / "p", SETTINGS) as again:
+        assert list(again.cached_genes()) == ["A", "B"]
+        again.append_genes([gene("C", "MV")])
+    with PartialStore(tmp_path / "p", SETTINGS) as last:
+        assert list(last.cached_genes()) == ["A", "B", "C"]
 
 
 def test_rows_round_trip_and_chunks_continue_after_reopen(tmp_path: Path) -> None:
-    store = PartialStore(tmp_path / "p", SETTINGS)
-    store.add_rows(["k1", "k2"], torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
-    reopened = PartialStore(tmp_path / "p", SETTINGS)
-    reopened.add_rows(["k3"], torch.tensor([[5.0, 6.0]]))
-    rows = reopened.load_rows()
+    with PartialStore(tmp_path / "p", SETTINGS) as store:
+        store.add_rows(["k1", "k2"], torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    with PartialStore(tmp_path / "p", SETTINGS) as reopened:
+        reopened.add_rows(["k3"], torch.tensor([[5.0, 6.0]]))
+        rows = reopened.load_rows()
     assert sorted(rows) == ["k1", "k2", "k3"] and rows["k3"].dtype == torch.float16
     assert sorted(p.name for p in (tmp_path / "p" / "rows").iterdir()) == ["000000.pt",
                                                                          "000001.pt"]
@@ -64,13 +66,14 @@ def test_a_failed_save_keeps_the_old_file_and_no_temporary(tmp_path: Path) -> No
 
 def test_assemble_orders_rows_and_reuses_an_earlier_file(tmp_path: Path) -> None:
     records = {"A": gene("A", "MKV", "MK"), "B": gene("B")}
-    rows = {sequence_key("MKV"): torch.ones(2), sequence_key("MK"): torch.zeros(2)}
-    first = assemble(["A", "B"], records, rows, dim=2, meta={})
+    keys = RowKeys("scope")
+    rows = {keys.of("MKV"): torch.ones(2), keys.of("MK"): torch.zeros(2)}
+    first = assemble(["A", "B"], records, rows, keys=keys, dim=2, meta={})
     written = write_esm_file(tmp_path / "e.pt", first)
     assert written.gene_to_isoform_indices == {"A": [0, 1], "B": []}
     earlier = read_esm_file(tmp_path / "e.pt")
     more = assemble(["A", "C", "B"], {"C": gene("C", "W")},
-                    {sequence_key("W"): torch.full((2,), 7.0)}, dim=2, meta={},
+                    {keys.of("W"): torch.full((2,), 7.0)}, keys=keys, dim=2, meta={},
                     reused=earlier)
     assert more["protein_ids"] == ["PA0", "PA1", "PC0"]
     assert more["gene_to_isoform_indices"] == {"A": [0, 1], "C": [2], "B": []}

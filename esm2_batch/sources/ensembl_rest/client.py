@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from esm2_batch.errors import EnsemblError, EnsemblResponseError
+from esm2_batch.errors import EnsemblError, EnsemblResponseError, EnsemblUnavailableError
 from esm2_batch.records import GeneIsoforms, is_ensembl_gene_id, query_key
 from esm2_batch.sources.base import SourceOptions
 from esm2_batch.sources.ensembl_rest.parse import (
@@ -312,3 +312,20 @@ class EnsemblRestSource:
 
     def known_queries(self) -> Sequence[str] | None:
         return None
+
+    def unreachable(self) -> str | None:
+        """One GET /info/data; only a server that cannot be reached counts (a 404 from a
+        mirror without /info is still a server)."""
+        async def probe() -> str | None:
+            async with EnsemblClient(species=self.options.species,
+                                     base_url=self.options.ensembl_url,
+                                     rate_limit=self.options.rate_limit) as client:
+                try:
+                    await client.transport.get("/info/data")
+                except EnsemblUnavailableError as exc:
+                    return str(exc)
+                except EnsemblError:
+                    return None
+            return None
+
+        return run_sync(probe)

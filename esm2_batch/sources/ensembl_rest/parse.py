@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from esm2_batch.errors import EnsemblResponseError
-from esm2_batch.records import GeneIsoforms, GeneStatus, Isoform, isoform_sort_key, strip_version
+from esm2_batch.records import (
+    GeneIsoforms,
+    Isoform,
+    isoform_sort_key,
+    settled_status,
+    strip_version,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +94,9 @@ def index_sequences(reply: Any, *, path: str = "/sequence/id") -> dict[tuple[str
 def build_gene(query: str, gene: GeneRecord, sequences: Mapping[str, str]) -> GeneIsoforms:
     """Join a gene's translations with their sequences, canonical first.
 
-    Translations whose sequence never arrived are recorded in missing_protein_ids.
+    Translations whose sequence never arrived are recorded in missing_protein_ids and
+    make the gene "incomplete" (even with no isoform left: Ensembl did announce a
+    protein, so "no_protein" would call a coding gene non-coding).
     """
     isoforms = []
     missing = []
@@ -100,9 +108,15 @@ def build_gene(query: str, gene: GeneRecord, sequences: Mapping[str, str]) -> Ge
         isoforms.append(Isoform(t.protein_id, t.transcript_id, gene.gene_id, seq,
                                 t.is_canonical, t.biotype))
     isoforms.sort(key=isoform_sort_key)
-    status: GeneStatus = "ok" if isoforms else "no_protein"
-    return GeneIsoforms(query, gene.gene_id, gene.symbol, tuple(isoforms), status,
-                        tuple(sorted(missing)))
+    missing_ids = tuple(sorted(missing))
+    return GeneIsoforms(query, gene.gene_id, gene.symbol, tuple(isoforms),
+                        settled_status(tuple(isoforms), missing_ids), missing_ids,
+                        canonical_protein_id(gene))
+
+
+def canonical_protein_id(gene: GeneRecord) -> str | None:
+    """The protein of the transcript lookup marks is_canonical (among wanted biotypes)."""
+    return next((t.protein_id for t in gene.translations if t.is_canonical), None)
 
 
 def not_found(query: str) -> GeneIsoforms:
