@@ -57,6 +57,9 @@ BackendOpt = Annotated[str, _opt(
     "--backend", help="auto (from --model_size/--model_path), fair-esm, hf (ESM2 in the "
     "Hugging Face layout: a folder or a hub id in the local HF cache) or esmc (ESM C).")]
 Device = Annotated[str | None, _opt("--device", help="cuda or cpu (default: cuda if available).")]
+DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
+DtypeOpt = Annotated[str, _opt("--dtype", help="Compute precision: auto (fp16 on CUDA, fp32 "
+                               "on CPU), fp16, bf16 or fp32. Rows are stored as float16.")]
 BatchSize = Annotated[int | None, _opt("--batch_size", help="Max sequences per batch.")]
 Toks = Annotated[int, _opt("--toks_per_batch", help="Token budget per batch (padded, incl. "
                            "BOS/EOS).")]
@@ -98,6 +101,7 @@ def main(
     device: Device = None,
     engine: EngineOpt = "fast",
     backend: BackendOpt = "auto",
+    dtype: DtypeOpt = "auto",
     batch_size: BatchSize = None,
     toks_per_batch: Toks = 4096,
     parallel_workers: Annotated[int, _opt("--parallel_workers",
@@ -135,6 +139,12 @@ def main(
     ensembl_release: Annotated[int | None, _opt(
         "--ensembl_release", help="Offline: the release of the files, found under "
         "--ensembl_files or the download cache.")] = None,
+    no_synonyms: Annotated[bool, _opt(
+        "--no_synonyms", help="Strict matching: do not look symbols Ensembl does not know "
+        "up as previous names or aliases (SEPT5 -> SEPTIN5).")] = False,
+    synonyms: Annotated[Path | None, _opt(
+        "--synonyms", help="Offline: HGNC's hgnc_complete_set.txt (or a TSV with symbol, "
+        "prev_symbol, alias_symbol, ensembl_gene_id) for outdated symbols.")] = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -155,9 +165,11 @@ def main(
             source=SourceOptions(
                 species=species, biotypes=_biotypes(biotypes), ensembl_url=ensembl_url,
                 rate_limit=rate_limit, parallel_workers=parallel_workers, isoforms=isoforms,
-                ensembl_files=ensembl_files, ensembl_release=ensembl_release),
+                ensembl_files=ensembl_files, ensembl_release=ensembl_release,
+                synonyms=not no_synonyms, synonyms_file=synonyms),
             model=ModelOptions(model=_model_name(model_path, model_size), device=device,
-                               engine=_engine(engine), backend=backend),
+                               engine=_engine(engine), backend=backend,
+                               dtype=_dtype(dtype)),
             embed=EmbedOptions(toks_per_batch=toks_per_batch, batch_size=batch_size,
                                truncation=truncation, long_seqs=_long_seqs(long_seqs)),
             stage=StageOptions(ray=ray, ray_actors=ray_actors, progress=not quiet),
@@ -185,6 +197,7 @@ def fasta(
     device: Device = None,
     engine: EngineOpt = "fast",
     backend: BackendOpt = "auto",
+    dtype: DtypeOpt = "auto",
     batch_size: BatchSize = None,
     toks_per_batch: Toks = 4096,
     truncation: Truncation = 1022,
@@ -206,7 +219,7 @@ def fasta(
 
         source = _model_name(model_path, model_size)
         model = ModelOptions(model=source, device=device, engine=_engine(engine),
-                             backend=backend).load()
+                             backend=backend, dtype=_dtype(dtype)).load()
         results = run_fasta(
             inputs, model=model, out_dir=out_dir, overwrite=overwrite, model_source=source,
             device=device,
@@ -262,17 +275,24 @@ def download(
 
     def work() -> None:
         from esm2_batch.sources.ensembl_files import (
+            SYNONYM_FILE_NAME,
             download_commands,
             download_ensembl_files,
+            download_synonym_table,
             ensembl_cache_dir,
         )
+        from esm2_batch.sources.synonyms import synonym_file_url
 
         target = directory or ensembl_cache_dir(ensembl_release)
+        synonym_url = synonym_file_url(species)
         for line in download_commands(species, ensembl_release, target, assembly):
             typer.echo(line)
+        if synonym_url is not None:  # HGNC's previous names and aliases, for --synonyms
+            typer.echo(f"curl -fL -o {target / SYNONYM_FILE_NAME} {synonym_url}")
         if not print_only:
             files = download_ensembl_files(species, ensembl_release, target,
                                            assembly=assembly)
+            download_synonym_table(species, target)
             typer.echo(f"ready: {files.pep.parent} (use --ensembl_files {files.pep.parent} "
                        f"--ensembl_release {ensembl_release})")
 
@@ -292,6 +312,11 @@ def _choice(value: str, choices: tuple[Choice, ...], flag: str) -> Choice:
 
 def _engine(value: str) -> Literal["fast", "reference"]:
     return _choice(value, ("fast", "reference"), "--engine")
+
+
+def _dtype(value: str) -> str:
+    """--dtype checked before any work (a usage error, exit 2, like --engine)."""
+    return _choice(value.lower(), DTYPE_CHOICES, "--dtype")
 
 
 def _gene_pooling(value: str) -> Literal["canonical", "mean"]:

@@ -17,9 +17,20 @@ from typing import Any, Literal
 # not_found   no source knows the query
 GeneStatus = Literal["ok", "incomplete", "no_protein", "not_found"]
 STATUSES: tuple[GeneStatus, ...] = ("ok", "incomplete", "no_protein", "not_found")
+# How a query found its gene: its Ensembl ID, its (current) symbol, or a previous name or
+# alias of the gene (HGNC/MGI synonyms); None when it found none.
+MatchedBy = Literal["id", "symbol", "synonym"]
 
 # ENSG00000157764, ENSMUSG00000000001, optionally with a .version suffix.
 _GENE_ID = re.compile(r"^ENS[A-Z]{0,6}G\d{11}(?:\.\d+)?$", re.IGNORECASE)
+# A gene name a spreadsheet turned into a date: SEPT7 -> 7-Sep, MARCH1 -> 1-Mar.
+SPREADSHEET_DATE = re.compile(r"^\d{1,2}-(Mar|Sep|Dec|Apr|Oct|Nov|Feb)$|^(Mar|Sep|Dec)-\d{1,2}$",
+                              re.IGNORECASE)
+# hg19-era clone names (RP11-34P13.3, CTD-2510F5.4, XXbac-B461K10.4) and accession-based
+# names of novel genes (AC012345.1, AL627309.5): never an HGNC or MGI symbol.
+CLONE_NAME = re.compile(r"^(RP\d{1,2}|CT[ABCD]|XX(bac|yac|cos)|KB|LA16c|WI2|GS1)-[\w.]+$",
+                        re.IGNORECASE)
+ACCESSION_NAME = re.compile(r"^(A[CFLP]|B[X]|C[RU]|FP|Z|U|Y)\d{5,6}\.\d+$", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +61,12 @@ class GeneIsoforms:
     """Everything known about one query: canonical isoform first, then longest first.
 
     `query` is the gene exactly as the user wrote it and is the key of the output file.
+    `matched_by` says how it found `gene_id`: "id", "symbol" or "synonym" (a previous
+    name or alias, e.g. SEPT5 for SEPTIN5; `symbol` is then the current one). A symbol
+    whose synonyms name several current genes stays not_found with those genes in
+    `candidates` ((gene_id, symbol) pairs, never guessed); one whose gene is already
+    asked for under another query of the list is not_found with `duplicate_of` naming
+    that query (kept once, like any duplicate).
     `missing_protein_ids` lists translations Ensembl announced but returned no sequence
     for even after a second request, so a gap is recorded rather than silent; such a gene
     is "incomplete". `canonical_protein_id` is the translation Ensembl calls canonical
@@ -63,6 +80,9 @@ class GeneIsoforms:
     status: GeneStatus
     missing_protein_ids: tuple[str, ...] = field(default=())
     canonical_protein_id: str | None = None
+    matched_by: MatchedBy | None = None
+    candidates: tuple[tuple[str, str], ...] = field(default=())
+    duplicate_of: str | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -94,12 +114,14 @@ class GeneIsoforms:
         data = asdict(self)
         data["isoforms"] = [asdict(iso) for iso in self.isoforms]
         data["missing_protein_ids"] = list(self.missing_protein_ids)
+        data["candidates"] = [list(pair) for pair in self.candidates]
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GeneIsoforms:
         """Read to_dict's output; records written before "incomplete" existed (status ok
-        or no_protein with missing ids, no canonical_protein_id) get today's status."""
+        or no_protein with missing ids, no canonical_protein_id) get today's status, and
+        records written before synonyms (no matched_by) are matched by ID or symbol."""
         isoforms = tuple(Isoform.from_dict(d) for d in data.get("isoforms", ()))
         missing = tuple(data.get("missing_protein_ids", ()))
         status = data["status"]
@@ -113,7 +135,17 @@ class GeneIsoforms:
             status=status,
             missing_protein_ids=missing,
             canonical_protein_id=data.get("canonical_protein_id"),
+            matched_by=data.get("matched_by", _matched_before_synonyms(data)),
+            candidates=tuple((str(g), str(s)) for g, s in data.get("candidates") or ()),
+            duplicate_of=data.get("duplicate_of"),
         )
+
+
+def _matched_before_synonyms(data: dict[str, Any]) -> MatchedBy | None:
+    """How a record written before `matched_by` existed was matched: by ID or symbol."""
+    if data.get("gene_id") is None:
+        return None
+    return "id" if is_ensembl_gene_id(str(data["query"])) else "symbol"
 
 
 def settled_status(isoforms: tuple[Isoform, ...], missing: tuple[str, ...]) -> GeneStatus:
@@ -132,6 +164,17 @@ def isoform_sort_key(isoform: Isoform) -> tuple[bool, int, str]:
 def is_ensembl_gene_id(query: str) -> bool:
     """True for an Ensembl gene stable ID (any species prefix), versioned or not."""
     return bool(_GENE_ID.match(query))
+
+
+def is_spreadsheet_date(query: str) -> bool:
+    """True for a gene name a spreadsheet turned into a date (7-Sep, 1-Mar, Sep-7)."""
+    return bool(SPREADSHEET_DATE.match(query.strip()))
+
+
+def is_clone_name(query: str) -> bool:
+    """True for a clone-based (RP11-34P13.3) or accession-based (AC012345.1) gene name."""
+    query = query.strip()
+    return bool(CLONE_NAME.match(query) or ACCESSION_NAME.match(query))
 
 
 def strip_version(stable_id: str) -> str:

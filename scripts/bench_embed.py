@@ -9,8 +9,11 @@ architecture, truncated to 1,022 residues and mean-pooled over the last layer:
     model(tokens, repr_layers=[L]) under no_grad, t[i, 1:n+1].mean(0); always fp32
     (on CUDA it also runs in fp16, reported as *_fairesm_fp16);
 (b) esm2_batch.embed_sequences with engine="reference" (fair-esm's ESM2.forward);
-(c) esm2_batch.embed_sequences with engine="fast" (esm2_batch.models.esm2_fast.FastESM2).
-(b) and (c) run in fp32 on CPU and fp16 on CUDA, with the same toks_per_batch as (a).
+(c) esm2_batch.embed_sequences with engine="fast" (esm2_batch.models.esm2_fast.FastESM2);
+(d) transformers' EsmModel with attn_implementation="sdpa" on the same weights (written in
+    the Hugging Face layout), fed the embedder's own length-sorted token-budget batches,
+    mean-pooled like (a) (column "transformers"; skipped when transformers is missing).
+(b), (c) and (d) run in fp32 on CPU and fp16 on CUDA, with the same toks_per_batch as (a).
 
 Tokens/s counts real tokens (kept residues + BOS + EOS) over wall time, the same numerator
 for all, so ratios of tokens/s are speed-ups. The padding fraction is the share of padded
@@ -59,6 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import esm  # noqa: E402
+from esm.model.esm2 import ESM2  # noqa: E402
 
 from esm2_batch.embedding.batching import SPECIAL_TOKENS, padded_tokens, plan_batches  # noqa: E402
 from esm2_batch.embedding.embed import embed_sequences  # noqa: E402
@@ -71,6 +75,7 @@ from esm2_batch.models import (  # noqa: E402
 from esm2_batch.models.esm2_fast import FastESM2  # noqa: E402
 from esm2_batch.models.weights import read_checkpoint  # noqa: E402
 from tests.fakes.tiny_esm import write_random_checkpoint  # noqa: E402
+from tests.fakes.tiny_hf import hf_esm2_config, hf_esm2_state  # noqa: E402
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 DEFAULT_ARCH = {"cpu": "35M", "cuda": "650M"}
@@ -160,10 +165,58 @@ def fair_esm_module(
     return module.eval().to(device=device, dtype=dtype), alphabet
 
 
+def transformers_model(module: ESM2, device: torch.device,
+                       dtype: torch.dtype) -> torch.nn.Module | None:
+    """transformers' EsmModel (sdpa attention) holding a copy of `module`'s weights under
+    transformers' names (as convert_esm.py writes them), on `device` in `dtype`; None when
+    transformers is not installed. Built in memory: a 3B would take minutes to save."""
+    try:
+        from transformers import EsmConfig, EsmModel
+    except ImportError:
+        return None
+    fields = {k: v for k, v in hf_esm2_config(module).items() if k != "architectures"}
+    config = EsmConfig(**fields)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = EsmModel(config, add_pooling_layer=False)
+    state = hf_esm2_state(module, prefix="", lm_head=False, inv_freq="model")
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith("pooler.")})
+    return model.eval().requires_grad_(False).to(dtype=dtype)
+
+
+def transformers_extract(
+    model: torch.nn.Module, alphabet: esm.data.Alphabet, sequences: list[str],
+    *, toks_per_batch: int, truncation: int, device: torch.device,
+) -> tuple[torch.Tensor, int]:
+    """EsmModel on the embedder's plan (length-sorted, token budget), esm-extract's mean;
+    returns the rows in input order and the padded token count."""
+    kept = [min(len(s), truncation) for s in sequences]
+    rows: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
+    padded = 0
+    with torch.inference_mode():
+        for batch in plan_batches(kept, toks_per_batch=toks_per_batch).batches:
+            width = max(kept[i] for i in batch) + SPECIAL_TOKENS
+            tokens = torch.full((len(batch), width), alphabet.padding_idx, dtype=torch.long)
+            tokens[:, 0] = alphabet.cls_idx
+            for row, i in enumerate(batch):
+                n = kept[i]
+                tokens[row, 1 : n + 1] = torch.tensor(alphabet.encode(sequences[i][:n]))
+                tokens[row, n + 1] = alphabet.eos_idx
+            padded += tokens.numel()
+            tokens = tokens.to(device)
+            states = model(input_ids=tokens,
+                           attention_mask=tokens.ne(alphabet.padding_idx)).last_hidden_state
+            states = states.to("cpu")
+            for row, i in enumerate(batch):
+                rows[i] = states[row, 1 : kept[i] + 1].float().mean(0)
+    return torch.stack(rows), padded
+
+
 def contenders(
     path: Path, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 ) -> list[Contender]:
-    """(a) fair-esm's loop in fp32 (and fp16 on CUDA), (b) reference and (c) fast engine."""
+    """(a) fair-esm's loop in fp32 (and fp16 on CUDA), (b) reference and (c) fast engine,
+    (d) transformers' EsmModel with sdpa when transformers is installed."""
     common = {"toks_per_batch": args.toks_per_batch, "truncation": args.truncation}
     plan_padded = ours_padded_tokens(args)
     out = []
@@ -186,6 +239,14 @@ def contenders(
             return rows, plan_padded(seqs)
 
         out.append(Contender(engine, ours, model.fast))
+    module, alphabet = fair_esm_module(path, torch.device("cpu"), torch.float32)
+    hf = transformers_model(module, device, dtype)
+    if hf is not None:
+        def theirs(seqs: list[str], m: torch.nn.Module = hf,
+                   a: esm.data.Alphabet = alphabet) -> tuple[torch.Tensor, int]:
+            return transformers_extract(m, a, seqs, device=device, **common)
+
+        out.append(Contender("transformers", theirs))
     return out
 
 
@@ -298,6 +359,10 @@ def summarize(
         "peak_gflop_per_s": round(peaks[dtype] / 1e9, 1),
         "peak_gflop_per_s_fp32": round(peaks[torch.float32] / 1e9, 1),
     })
+    if "transformers" in rate:
+        summary["speedup_fast_vs_transformers"] = round(rate["fast"] / rate["transformers"], 3)
+        summary["speedup_transformers_vs_fairesm"] = round(
+            rate["transformers"] / rate["fairesm"], 3)
     if "fairesm_fp16" in rate:
         summary["speedup_fast_vs_fairesm_fp16"] = round(rate["fast"] / rate["fairesm_fp16"], 3)
     return summary

@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -27,9 +28,10 @@ import torch
 
 from esm2_batch import read_gene_list
 from esm2_batch.embedding.options import EmbedOptions
-from esm2_batch.models import load_model
+from esm2_batch.models import LoadedModel, load_model
 from esm2_batch.run.config import OutputOptions, RunConfig
 from esm2_batch.run.gene_mode import run
+from esm2_batch.run.reports import RunSummary
 from esm2_batch.run.stages import StageOptions
 from esm2_batch.sources.base import SourceOptions
 from esm2_batch.sources.ensembl_rest import EnsemblClient
@@ -58,9 +60,22 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     queries = list(read_gene_list(args.hvg_file).genes)[: args.genes]
-    table = genes_for_symbols(queries, coding=args.coding, nmd=1)
     work = Path(tempfile.mkdtemp(prefix="esm2-bench-"))
     model = load_model(write_random_checkpoint(work, size=args.size), device=args.device)
+    result, e2e = measure(queries, model, args, work)
+    print("\n".join(e2e.lines()))
+    print(f"fetch only {result['fetch_only_s']:.1f} s, embed only {result['embed_only_s']:.1f} "
+          f"s, end to end {result['e2e_s']:.1f} s -> {result['overlap_ratio']:.2f}x the "
+          "slower stage")
+    print(json.dumps(result))
+
+
+def measure(queries: list[str], model: LoadedModel, args: argparse.Namespace,
+            work: Path) -> tuple[dict[str, Any], RunSummary]:
+    """Fetch alone, embed alone (the fetched isoforms from a FASTA) and both overlapped,
+    `queries` through the fake Ensembl (`args`: coding, latency, server_rate, rate_limit,
+    toks_per_batch) into files under `work`; the figures and the end-to-end summary."""
+    table = genes_for_symbols(queries, coding=args.coding, nmd=1)
     hvg = work / "hvg.txt"
     hvg.write_text("\n".join(queries) + "\n")
     fake = FakeEnsembl(table, rate_limit=args.server_rate, latency=args.latency,
@@ -77,7 +92,7 @@ def main() -> None:
     slower = max(fetch_only, embed.wall_s)
     result = {
         "genes": len(queries), "resolved": e2e.resolved, "not_found": len(e2e.not_found),
-        "isoforms": e2e.isoforms, "tokens": e2e.tokens, "arch": args.size,
+        "isoforms": e2e.isoforms, "tokens": e2e.tokens, "arch": model.name,
         "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
         "requests": fake.counts["requests"], "n429": fake.counts["429"],
         "fetch_only_s": round(fetch_only, 2), "embed_only_s": round(embed.wall_s, 2),
@@ -88,10 +103,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.node()}",
     }
-    print("\n".join(e2e.lines()))
-    print(f"fetch only {fetch_only:.1f} s, embed only {embed.wall_s:.1f} s, end to end "
-          f"{e2e.wall_s:.1f} s -> {result['overlap_ratio']:.2f}x the slower stage")
-    print(json.dumps(result))
+    return result, e2e
 
 
 def _fetch_only(url: str, queries: list[str], args: argparse.Namespace, fasta: Path) -> float:

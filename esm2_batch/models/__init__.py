@@ -48,6 +48,7 @@ from esm2_batch.models.weights import (
 
 __all__ = [
     "BACKENDS",
+    "DTYPES",
     "ENGINES",
     "ESM2_MODELS",
     "Backend",
@@ -56,8 +57,10 @@ __all__ = [
     "LoadedModel",
     "ModelSpec",
     "detect_backend",
+    "esm2_from_module",
     "load_model",
     "representations",
+    "resolve_dtype",
     "resolve_model",
 ]
 
@@ -93,6 +96,10 @@ ESM2_MODELS: dict[str, ModelSpec] = {
     )
 }
 """The ESM2 family by size label, as fair-esm publishes it."""
+
+DTYPES: tuple[str, ...] = ("auto", "fp16", "bf16", "fp32")
+"""The compute precisions the CLI offers (``--dtype``); "auto" is float16 on CUDA and
+float32 elsewhere. `load_model` also takes torch dtypes and their long names."""
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -197,20 +204,41 @@ def load_model(
     folder or cached hub id (`backend` "auto" tells them apart: `detect_backend`).
 
     Sizes and names are read from the torch hub cache and downloaded into it when missing.
-    `device` defaults to cuda when available, else cpu; `dtype` to float16 on cuda (rotary
-    tables stay fp32) and float32 elsewhere. `engine` picks the ESM2 forward: "fast"
+    `device` defaults to cuda when available, else cpu; `dtype` ("auto" or None, "fp16",
+    "bf16", "fp32", their long names or a torch dtype: `resolve_dtype`) to float16 on cuda
+    (rotary tables stay fp32) and float32 elsewhere. `engine` picks the ESM2 forward: "fast"
     (`esm2_fast.FastESM2`) or "reference" (fair-esm's own); ESM C has one forward. Every
     failure is a one-line `ModelError`.
     """
     if engine not in ENGINES:
         raise ModelError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
     target = _resolve_device(device)
-    precision = _resolve_dtype(dtype, target)
+    precision = resolve_dtype(dtype, target)
     chosen = detect_backend(model) if backend == "auto" else backend
     loader = _LOADERS.get(chosen)
     if loader is None:
         raise ModelError(f"unknown backend {backend!r}: use one of auto, {', '.join(BACKENDS)}")
     return loader(model, target, precision, engine)
+
+
+def esm2_from_module(
+    module: ESM2,
+    alphabet: esm.data.Alphabet,
+    *,
+    name: str,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    engine: Engine = "fast",
+) -> LoadedModel:
+    """An ESM2 already in memory (fair-esm's module, e.g. built with random weights for a
+    benchmark) behind the same encoders `load_model` gives a checkpoint. `module` itself is
+    prepared for inference and moved to `device` in `dtype` (in place: pass a copy to keep
+    the original); defaults as in `load_model`."""
+    if engine not in ENGINES:
+        raise ModelError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
+    target = _resolve_device(device)
+    return _esm2(name, module, alphabet, target, resolve_dtype(dtype, target), engine,
+                 "fair-esm")
 
 
 def detect_backend(model: str | os.PathLike[str]) -> Backend:
@@ -337,11 +365,15 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return target
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """float16 on cuda and float32 elsewhere by default; names like "bf16" accepted."""
-    if dtype is None:
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The compute dtype for `device`: None or "auto" is float16 on cuda and float32
+    elsewhere (CPUs without bf16/fp16 units run half precision several times slower);
+    names like "bf16", "float16" or "torch.bfloat16" and torch dtypes are taken as they
+    are. Anything else is a one-line `ModelError`."""
+    if dtype is None or (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
         return torch.float16 if device.type == "cuda" else torch.float32
-    key = str(dtype).lower().removeprefix("torch.")
+    key = str(dtype).strip().lower().removeprefix("torch.")
     if key not in _DTYPES:
-        raise ModelError(f"unsupported dtype {dtype!r}: use float32, float16 or bfloat16")
+        raise ModelError(f"unsupported dtype {dtype!r}: use auto, fp16, bf16 or fp32 "
+                         "(float16, bfloat16, float32)")
     return _DTYPES[key]

@@ -30,16 +30,18 @@ __all__ = ["ModelOptions", "OutputOptions", "RunConfig"]
 class ModelOptions:
     """model: a size (650M), a fair-esm name, a checkpoint path, an HF folder or hub id;
     device: cuda/cpu (default cuda when available); engine: fast or reference; backend:
-    auto (from what `model` names), fair-esm, hf or esmc."""
+    auto (from what `model` names), fair-esm, hf or esmc; dtype: the compute precision,
+    auto (None: float16 on cuda, float32 elsewhere), fp16, bf16 or fp32."""
 
     model: str = "650M"
     device: str | None = None
     engine: Engine = "fast"
     backend: str = "auto"
+    dtype: str | None = None
 
     def load(self) -> LoadedModel:
-        return load_model(self.model, device=self.device, engine=self.engine,
-                          backend=self.backend)
+        return load_model(self.model, device=self.device, dtype=self.dtype,
+                          engine=self.engine, backend=self.backend)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import datetime as dt
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,12 @@ from esm2_batch.errors import InputError, ModelError, StoreError
 from esm2_batch.models import LoadedModel
 from esm2_batch.records import GeneIsoforms, settled_status
 from esm2_batch.run.config import RunConfig
-from esm2_batch.run.reports import RunSummary, write_side_files
+from esm2_batch.run.reports import RunSummary, synonym_note, write_side_files
 from esm2_batch.run.stages import EmbedStage, make_stage
 from esm2_batch.sources.base import IsoformSource, open_source
-from esm2_batch.sources.gene_lists import GeneList, dedupe, read_gene_list
+from esm2_batch.sources.gene_lists import GeneList, dedupe, merge_spellings, read_gene_list
 from esm2_batch.sources.h5ad_genes import H5adGenes, read_h5ad_genes
+from esm2_batch.sources.isoforms_fasta import write_isoforms_fasta
 from esm2_batch.store.atomic import check_writable
 from esm2_batch.store.esm_file import EsmFile, assemble, read_esm_file, write_esm_file
 from esm2_batch.store.keys import RowKeys, settings_scope
@@ -156,6 +157,8 @@ class GeneRun:
             self._fetch(stage)
             self.summary.fetch_s = time.perf_counter() - fetch_start
             stage.finish()
+            if stage.embedded:
+                self.store.record_provenance(engines=[self.model.engine])
         finally:
             stage.stop()
         self._finish(stage)
@@ -164,8 +167,17 @@ class GeneRun:
 
     # -- fetching ----------------------------------------------------------------------------
     def _todo(self) -> list[str]:
+        """Genes to fetch: those neither cached nor in a reusable esm_all.pt, and every
+        incomplete one (a rerun retries what Ensembl did not return last time)."""
         reused = self.reused.gene_to_isoform_indices if self.reused is not None else {}
-        return [q for q in self.genes.genes.genes if q not in self.records and q not in reused]
+        old_status = self.reused.meta.get("status", {}) if self.reused is not None else {}
+
+        def known(query: str) -> bool:
+            if query in self.records:
+                return self.records[query].status != "incomplete"
+            return query in reused and old_status.get(query) != "incomplete"
+
+        return [q for q in self.genes.genes.genes if not known(q)]
 
     def _fetch(self, stage: EmbedStage) -> None:
         """Stream the isoforms of the genes not yet known, caching and queueing each."""
@@ -175,7 +187,13 @@ class GeneRun:
         bar = tqdm(total=len(todo), desc="genes fetched", unit="gene",
                    disable=None if self.config.stage.progress else True)
 
+        first = True
+
         def accept(gene: GeneIsoforms) -> None:
+            nonlocal first
+            if first:  # the source knows its release by its first gene: keep it for a resume
+                self.store.record_provenance(**self.source.provenance())
+                first = False
             self.store.append_genes([gene])
             self.records[gene.query] = gene
             bar.update(1)
@@ -189,18 +207,25 @@ class GeneRun:
     # -- finishing ---------------------------------------------------------------------------
     def _finish(self, stage: EmbedStage) -> None:
         """Assemble and write esm_all.pt and the side files, then drop the partial store."""
-        config, genes = self.config, self.genes.genes.genes
+        config = self.config
+        genes, aliases = merge_spellings(self.genes.genes.genes, self._gene_id)
+        self.summary.aliases = aliases
         failed = set(stage.failed)
-        chosen = {q: _without(self.records[q], failed, self.keys) for q in genes
-                  if q in self.records}
+        resolved = {q: _without(self.records[q], failed, self.keys)
+                    for q in self.genes.genes.genes if q in self.records}
+        chosen = {q: resolved[q] for q in genes if q in resolved}
         self.summary.count(genes, chosen, self.reused, stage)
+        if note := synonym_note(chosen.values()):  # SEPT5 -> SEPTIN5, ...
+            self.summary.notes.append(note)
         data = assemble(genes, chosen, self.store.load_rows(), keys=self.keys,
-                        dim=self.model.embed_dim, meta=self._meta(chosen), reused=self.reused)
+                        dim=self.model.embed_dim, meta=self._meta(genes, chosen, aliases),
+                        reused=self.reused)
         written = write_esm_file(config.out, data)
         self.summary.isoforms = len(written.protein_ids)
         write_side_files(config.out, chosen, self.summary, stage.failed, written,
-                         species=config.source.species,
-                         save_isoforms=config.output.save_isoforms)
+                         species=config.source.species)
+        if config.output.save_isoforms is not None:  # every spelling, so --isoforms merges too
+            write_isoforms_fasta(config.output.save_isoforms, resolved.values())
         self._write_h5ad(written)
         self.store.remove()
         if config.output.strict:  # only now: the rows that did come are on disk
@@ -217,9 +242,25 @@ class GeneRun:
                             id_column=h5ad.id_column, queries_for_vars=h5ad.var_queries)
         self.summary.notes.append(result.describe())
 
-    def _meta(self, chosen: dict[str, GeneIsoforms]) -> dict[str, Any]:
+    def _gene_id(self, query: str) -> str | None:
+        """The Ensembl gene a query resolved to (this run's record, else the reused file's)."""
+        if query in self.records:
+            return self.records[query].gene_id
+        old = self.reused.meta.get("gene_ids", {}) if self.reused is not None else {}
+        found = old.get(query)
+        return found if isinstance(found, str) else None
+
+    def _engines(self) -> str:
+        """The engines that computed the file's rows: this run's and earlier attempts'
+        (provenance.json), and the reused file's when its rows are kept."""
+        engines = list(self.store.provenance().get("engines", []))
+        if self.reused is not None and self.summary.reused_rows:
+            engines.append(str(self.reused.meta.get("engine", "unknown")))
+        return "+".join(sorted(set(engines))) or self.model.engine
+
+    def _meta(self, genes: list[str], chosen: dict[str, GeneIsoforms],
+              aliases: dict[str, str]) -> dict[str, Any]:
         old = self.reused.meta if self.reused is not None else {}
-        genes = self.genes.genes.genes
 
         def per_gene(key: str, value: Callable[[GeneIsoforms], Any], default: Any
                      ) -> dict[str, Any]:
@@ -235,7 +276,8 @@ class GeneRun:
         status = per_gene("status", lambda g: g.status, "ok")
         return {
             **self.settings, "settings": self.settings, "dtype": "float16",
-            "compute_dtype": str(model.dtype).removeprefix("torch."), "engine": model.engine,
+            "compute_dtype": str(model.dtype).removeprefix("torch."), "engine": self._engines(),
+            "aliases": aliases,
             "status": status,
             "incomplete": sum(s == "incomplete" for s in status.values()),
             "missing_protein_ids": per_gene(
@@ -244,6 +286,8 @@ class GeneRun:
                 "canonical_missing",
                 lambda g: g.canonical_protein_id if g.canonical_missing else None, None),
             "gene_ids": per_gene("gene_ids", lambda g: g.gene_id, None),
+            "synonyms": per_gene(  # query -> current symbol, for queries found by synonym
+                "synonyms", lambda g: g.symbol if g.matched_by == "synonym" else None, None),
             "symbols": symbols, **self._source_meta(old), "versions": _versions(),
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
@@ -251,6 +295,8 @@ class GeneRun:
     def _source_meta(self, old: dict[str, Any]) -> dict[str, Any]:
         """Where the isoforms came from (REST URL and release, FTP files or a FASTA)."""
         meta: dict[str, Any] = {"ensembl_release": old.get("ensembl_release")}
+        recorded = self.store.provenance()
+        meta.update({k: v for k, v in recorded.items() if k != "engines"})
         meta.update(self.source.provenance())
         if self.genes.h5ad is not None:
             meta["id_column"] = self.genes.h5ad.id_column
@@ -315,8 +361,8 @@ def _without(gene: GeneIsoforms, failed: set[str], keys: RowKeys) -> GeneIsoform
         return gene
     dropped = tuple(i.protein_id for i in gene.isoforms if i not in kept)
     missing = gene.missing_protein_ids + dropped
-    return GeneIsoforms(gene.query, gene.gene_id, gene.symbol, kept,
-                        settled_status(kept, missing), missing, gene.canonical_protein_id)
+    return replace(gene, isoforms=kept, status=settled_status(kept, missing),
+                   missing_protein_ids=missing)
 
 
 def _versions() -> dict[str, str]:

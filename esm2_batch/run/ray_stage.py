@@ -54,6 +54,7 @@ class RayOptions:
     device: str | None = None
     engine: Engine = "fast"
     backend: str = "auto"
+    dtype: str | None = None  # the driver's compute dtype, so meta is true of every row
     rows_per_task: int = 64
     local_cpus: int | None = None
     start_timeout_s: float = 120.0
@@ -124,7 +125,7 @@ class EmbedActor:
 
         torch.set_num_threads(max(1, threads))
         self.model = load_model(model, device=options.device, engine=options.engine,
-                                backend=options.backend)
+                                backend=options.backend, dtype=options.dtype)
         self.embed = embed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -211,7 +212,8 @@ class RayStage(PendingSequences):
         super().__init__(model, sink, options, keys=keys, progress=stage.progress)
         self.ray = RayOptions(address=stage.ray or "local", actors=stage.ray_actors,
                               device=device, engine=model.engine,
-                              backend=model.backend)
+                              backend=model.backend,
+                              dtype=str(model.dtype).removeprefix("torch."))
         self.model_source = portable_model(model_source)
         self.stats: RayStats | None = None
 

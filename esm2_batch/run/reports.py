@@ -33,8 +33,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from esm2_batch.errors import EnsemblError, name_some
-from esm2_batch.records import GeneIsoforms, GeneStatus, is_ensembl_gene_id, strip_version
-from esm2_batch.sources.isoforms_fasta import write_isoforms_fasta
+from esm2_batch.records import (
+    ACCESSION_NAME,
+    CLONE_NAME,
+    SPREADSHEET_DATE,
+    GeneIsoforms,
+    GeneStatus,
+    is_ensembl_gene_id,
+    strip_version,
+)
 from esm2_batch.store.atomic import atomic_text
 from esm2_batch.store.esm_file import EsmFile
 
@@ -44,6 +51,8 @@ __all__ = [
     "case_insensitive_matches",
     "incomplete_reason",
     "likely_reason",
+    "synonym_matches",
+    "synonym_note",
     "unresolved_report_path",
     "unresolved_rows",
     "write_side_files",
@@ -52,7 +61,7 @@ __all__ = [
 
 REPORT_COLUMNS = ("query", "status", "gene_id", "symbol", "likely_reason")
 # A finished run's esm_all.pt is reused as is, so only --overwrite asks Ensembl again.
-RETRY = "rerun with --overwrite to retry"
+RETRY = "rerun the same command to retry"
 
 # Ensembl gene-ID prefixes (before the G) of common species: ENSG human, ENSMUSG mouse, ...
 _ID_SPECIES = {"ENS": "homo_sapiens", "ENSMUS": "mus_musculus", "ENSRNO": "rattus_norvegicus",
@@ -63,10 +72,9 @@ _GENE_ID_PREFIX = re.compile(r"^(ENS[A-Z]*?)G\d{11}", re.IGNORECASE)
 _OTHER_ENSEMBL_ID = re.compile(r"^ENS[A-Z]*([TPE])\d{11}(\.\d+)?$", re.IGNORECASE)
 _ID_KIND = {"T": "a transcript ID (ENST)", "P": "a protein ID (ENSP)", "E": "an exon ID (ENSE)"}
 # hg19-era clone names: RP11-34P13.3, CTD-2510F5.4, XXbac-B461K10.4, KB-1183D5.13
-_CLONE = re.compile(r"^(RP\d{1,2}|CT[ABCD]|XX(bac|yac|cos)|KB|LA16c|WI2|GS1)-[\w.]+$",
-                    re.IGNORECASE)
+_CLONE = CLONE_NAME  # shared with the synonym lookup (records.py)
 # accession-based names of novel genes: AC012345.1, AL627309.5, AP001234.2, Z98884.1
-_ACCESSION = re.compile(r"^(A[CFLP]|B[X]|C[RU]|FP|Z|U|Y)\d{5,6}\.\d+$", re.IGNORECASE)
+_ACCESSION = ACCESSION_NAME
 _RFAM = re.compile(r"^(Y_RNA|U[1-8]|U6atac|5S_rRNA|5_8S_rRNA|7SK|Metazoa_SRP|snoU\d+|SNOR[AD]\d*"
                    r"|uc_\d+|Vault|ACA\d+|SCARNA\d+|snosnR\d+|SCARNA)$", re.IGNORECASE)
 _NONCODING = re.compile(
@@ -76,8 +84,7 @@ _NCBI_LOC = re.compile(r"^LOC\d+$", re.IGNORECASE)
 _MOUSE_PREDICTED = re.compile(r"^Gm\d+$")
 _HUMAN_ORF = re.compile(r"\dorf\d")
 _RIBO_PSEUDO = re.compile(r"^RP[LS]\d+[A-Z]?\d*P\d+$", re.IGNORECASE)
-_EXCEL_DATE = re.compile(r"^\d{1,2}-(Mar|Sep|Dec|Apr|Oct|Nov|Feb)$|^(Mar|Sep|Dec)-\d{1,2}$",
-                         re.IGNORECASE)
+_EXCEL_DATE = SPREADSHEET_DATE
 _RENAMED = ((re.compile(r"^SEPT(\d+)$", re.IGNORECASE), "SEPTIN{0}"),
             (re.compile(r"^MARCH(\d+)$", re.IGNORECASE), "MARCHF{0}"))
 _MAKE_UNIQUE = re.compile(r"^.+[A-Za-z]-\d+$")
@@ -196,7 +203,7 @@ def unresolved_report_path(out: str | os.PathLike[str]) -> Path:
 def incomplete_reason(missing: Sequence[str], *, rows: int, canonical_missing: bool,
                       failed: Collection[str] = ()) -> str:
     """What an incomplete gene lacks, e.g. "2 of 5 protein sequences not returned by
-    Ensembl (ENSP1, ENSP2, canonical missing); rerun with --overwrite to retry".
+    Ensembl (ENSP1, ENSP2, canonical missing); rerun the same command to retry".
 
     `rows` is how many isoforms the gene kept; `failed` names proteins that did arrive
     but failed to embed (listed in the .failed.tsv file, not Ensembl's doing).
@@ -232,6 +239,8 @@ def unresolved_rows(genes: Iterable[GeneIsoforms], *, species: str | None = None
 
 def _reason(gene: GeneIsoforms, species: str | None, rows: Mapping[str, int],
             failed: Collection[str]) -> str:
+    if gene.duplicate_of or gene.candidates:
+        return synonym_reason(gene)
     if gene.status != "incomplete":
         return likely_reason(gene.query, gene.status, species=species)
     return incomplete_reason(gene.missing_protein_ids,
@@ -267,6 +276,33 @@ def case_insensitive_matches(genes: Iterable[GeneIsoforms]) -> list[tuple[str, s
             and g.query != g.symbol and g.query.casefold() == g.symbol.casefold()]
 
 
+# -- synonyms (outdated symbols found under their current name) ------------------------------
+def synonym_reason(gene: GeneIsoforms) -> str:
+    """Why a symbol found by synonym has no vector of its own: ambiguous or a duplicate."""
+    if gene.duplicate_of:
+        gene_id, symbol = gene.candidates[0] if gene.candidates else ("", "")
+        return (f"an earlier name of {symbol or gene_id} ({gene_id}), which the list "
+                f"already has as {gene.duplicate_of}: kept once")
+    named = ", ".join(f"{g} ({s})" if s else g for g, s in gene.candidates)
+    return f"ambiguous: an earlier name or alias of {len(gene.candidates)} genes: {named}"
+
+
+def synonym_matches(genes: Iterable[GeneIsoforms]) -> list[tuple[str, str]]:
+    """(query, current symbol) of the queries found under a newer name, in order."""
+    return [(g.query, g.symbol or g.gene_id or "") for g in genes
+            if g.matched_by == "synonym" and not g.duplicate_of]
+
+
+def synonym_note(genes: Iterable[GeneIsoforms]) -> str | None:
+    """"found under a newer name: 3 (SEPT5 -> SEPTIN5, ...)", or None when none was."""
+    pairs = synonym_matches(genes)
+    if not pairs:
+        return None
+    shown = ", ".join(f"{q} -> {s}" for q, s in pairs[:5])
+    return (f"found under a newer name: {len(pairs)} ({shown}{', ...' if len(pairs) > 5 else ''}"
+            "); --no_synonyms for strict matching")
+
+
 # -- the run summary -------------------------------------------------------------------------
 class StageCounts(Protocol):
     """What the summary reads from an embedding stage (run/stages.py)."""
@@ -284,6 +320,7 @@ class RunSummary:
     out: Path
     genes_in: int = 0
     duplicates: list[str] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)  # later spelling -> the file's key
     resolved: int = 0
     no_protein: list[str] = field(default_factory=list)
     not_found: list[str] = field(default_factory=list)
@@ -313,6 +350,7 @@ class RunSummary:
         return [
             *self.notes,
             f"genes in: {self.genes_in} ({len(self.duplicates)} duplicates dropped)",
+            *self._alias_lines(),
             f"resolved: {self.resolved}, without protein: {len(self.no_protein)}, "
             f"not found: {len(self.not_found)}",
             *self._incomplete_lines(),
@@ -323,6 +361,14 @@ class RunSummary:
             f"total {self.wall_s:.1f} s; {self.tokens_per_s:.0f} tokens/s",
             f"wrote {self.out}",
         ]
+
+    def _alias_lines(self) -> list[str]:
+        """Spellings of one gene merged into its first spelling (none when there are none)."""
+        if not self.aliases:
+            return []
+        pairs = [f"{alias} -> {key}" for alias, key in self.aliases.items()]
+        return [f"same gene, other spelling: {len(pairs)} merged into the first spelling "
+                f"({name_some(pairs)}); meta['aliases'] lists them"]
 
     def _incomplete_lines(self) -> list[str]:
         """The incomplete genes' line (none when every announced sequence came)."""
@@ -393,8 +439,8 @@ def _per_gene(meta: Mapping[str, Any], key: str) -> Mapping[str, Any]:
 
 def write_side_files(out: Path, chosen: Mapping[str, GeneIsoforms], summary: RunSummary,
                      failed: Mapping[str, tuple[str, str]], written: EsmFile, *,
-                     species: str, save_isoforms: Path | None) -> None:
-    """not_found list, the unresolved report and failures next to `out`; --save_isoforms."""
+                     species: str) -> None:
+    """The not_found list, the unresolved report and the failures next to `out`."""
     write_list(summary.not_found_path, summary.not_found)
     status = written.meta.get("status", {})
     unresolved = [chosen.get(q) or _recorded(q, written.meta)
@@ -404,8 +450,6 @@ def write_side_files(out: Path, chosen: Mapping[str, GeneIsoforms], summary: Run
                             rows=rows, failed={name for name, _ in failed.values()})
     write_list(out.with_name(out.stem + ".failed.tsv"),
                sorted(f"{name}\t{error}" for name, error in failed.values()))
-    if save_isoforms is not None:
-        write_isoforms_fasta(save_isoforms, chosen.values())
 
 
 def _recorded(query: str, meta: Mapping[str, Any]) -> GeneIsoforms:
@@ -416,7 +460,9 @@ def _recorded(query: str, meta: Mapping[str, Any]) -> GeneIsoforms:
                           "no_protein" if recorded == "no_protein" else "not_found")
     canonical = _per_gene(meta, "canonical_missing").get(query)
     gene_id = _per_gene(meta, "gene_ids").get(query)
-    return GeneIsoforms(query, gene_id if isinstance(gene_id, str) else None, None, (),
+    symbol = _per_gene(meta, "symbols").get(query)
+    return GeneIsoforms(query, gene_id if isinstance(gene_id, str) else None,
+                        symbol if isinstance(symbol, str) else None, (),
                         status, missing, canonical if isinstance(canonical, str) else None)
 
 

@@ -36,6 +36,8 @@ class SourceOptions:
 
     isoforms: a FASTA as --save_isoforms writes it (skips Ensembl).
     ensembl_files / ensembl_release: Ensembl's FTP files, offline.
+    synonyms: look symbols the source does not know up as previous names and aliases
+    (REST: xrefs/symbol; offline: the table synonyms_file, HGNC's complete set).
     Otherwise Ensembl REST at ensembl_url ($ENSEMBL_REST_URL, else rest.ensembl.org),
     at most rate_limit requests per second and parallel_workers in flight.
     """
@@ -48,6 +50,8 @@ class SourceOptions:
     isoforms: Path | None = None
     ensembl_files: Path | None = None
     ensembl_release: int | None = None
+    synonyms: bool = True
+    synonyms_file: Path | None = None
 
     def check(self) -> None:
         """One-line InputError for values that would hang (nan), divide by zero (inf, 0),
@@ -67,6 +71,9 @@ class SourceOptions:
         if self.ensembl_release is not None and self.ensembl_release < 1:
             raise InputError(f"--ensembl_release {self.ensembl_release}: give a release "
                              "number such as 112")
+        if self.synonyms_file is not None and not self.synonyms_file.is_file():
+            raise InputError(f"--synonyms {self.synonyms_file}: no such file; give HGNC's "
+                             "hgnc_complete_set.txt (esm2-batch download fetches it)")
         if not self.biotypes:
             raise InputError("--biotypes: give at least one biotype, e.g. protein_coding")
 

@@ -32,6 +32,12 @@ file has no symbols, so a non-coding gene asked for by symbol is not_found unles
 ncrna file is there (an ID query is no_protein either way). Pseudogene symbols are not in
 ncrna and stay not_found.
 
+Symbols the files do not know (an outdated name: SEPT5, KIAA0101) are resolved through a
+synonym table (HGNC's complete set, `--synonyms FILE`, or hgnc_complete_set.txt in the
+files' directory as `esm2-batch download` puts it there) by the same rule as the REST
+path's xrefs lookup (sources/synonyms.py): one primary-assembly gene resolves, several
+are ambiguous, and one the list already asks for is a duplicate.
+
 Two things the REST path does not do: a symbol with no exact match is matched ignoring
 case (with a warning: a human list run against mouse names Braf, not BRAF), and a symbol
 carried by several genes (patch scaffolds CHR_* repeat primary-assembly symbols under
@@ -53,18 +59,34 @@ from pathlib import Path
 from typing import BinaryIO
 
 from esm2_batch.errors import EnsemblUnavailableError, InputError
-from esm2_batch.records import GeneIsoforms, is_ensembl_gene_id, query_key, strip_version
+from esm2_batch.records import (
+    GeneIsoforms,
+    MatchedBy,
+    is_ensembl_gene_id,
+    query_key,
+    strip_version,
+)
 from esm2_batch.sources.base import SourceOptions
 from esm2_batch.sources.ensembl_rest.client import DEFAULT_BIOTYPES
 from esm2_batch.sources.ensembl_rest.parse import (
     GeneRecord,
     Translation,
+    ambiguous,
     build_gene,
+    duplicate,
     no_protein,
     not_found,
 )
 from esm2_batch.sources.fasta import iter_fasta, iter_fasta_headers, open_text
 from esm2_batch.sources.gene_lists import dedupe
+from esm2_batch.sources.synonyms import (
+    Candidate,
+    DuplicateGuard,
+    SynonymTable,
+    choose,
+    synonym_file_url,
+    worth_a_lookup,
+)
 from esm2_batch.store.atomic import atomic_write
 
 __all__ = [
@@ -74,6 +96,7 @@ __all__ = [
     "default_assembly",
     "download_commands",
     "download_ensembl_files",
+    "download_synonym_table",
     "ensembl_cache_dir",
     "ensembl_file_urls",
     "find_ensembl_files",
@@ -333,15 +356,22 @@ class EnsemblFilesIndex:
         return cls(genes, canonical, files)
 
     def isoforms(self, queries: Iterable[str], *,
-                 biotypes: Iterable[str] = DEFAULT_BIOTYPES) -> list[GeneIsoforms]:
-        """One GeneIsoforms per distinct query, in input order (as fetch_isoforms)."""
+                 biotypes: Iterable[str] = DEFAULT_BIOTYPES,
+                 synonyms: SynonymTable | None = None) -> list[GeneIsoforms]:
+        """One GeneIsoforms per distinct query, in input order (as fetch_isoforms);
+        with `synonyms`, unknown symbols are looked up as previous names and aliases."""
         wanted = set(biotypes)
         out: list[GeneIsoforms] = []
         folded: list[tuple[str, str]] = []
-        for query in dedupe(queries).genes:
+        distinct = dedupe(queries).genes
+        guard = DuplicateGuard.of(distinct)
+        for query in distinct:
             gene, by_case = self._find(query)
             if by_case and gene is not None and gene.symbol:
                 folded.append((query, gene.symbol))
+            if gene is None and synonyms is not None and worth_a_lookup(query):
+                out.append(self._by_synonym(query, synonyms, guard, wanted))
+                continue
             out.append(self._record(query, gene, wanted))
         if folded:
             shown = ", ".join(f"{q} -> {s}" for q, s in folded[:5])
@@ -364,14 +394,37 @@ class EnsemblFilesIndex:
         candidates = self._by_folded.get(query.casefold())
         return (_best(candidates), True) if candidates else (None, False)
 
-    def _record(self, query: str, gene: _Gene | None, wanted: set[str]) -> GeneIsoforms:
+    def _by_synonym(self, query: str, table: SynonymTable, guard: DuplicateGuard,
+                    wanted: set[str]) -> GeneIsoforms:
+        """The record of a symbol the files do not know, through the synonym table."""
+        found = [g for gid in sorted(table.gene_ids(query))
+                 if (g := self._genes.get(gid)) is not None]
+        choice = choose(Candidate(g.gene_id, g.symbol or table.symbols.get(g.gene_id.upper()),
+                                  g.rank != 2, any(t.biotype in wanted
+                                                   for t, _ in g.translations))
+                        for g in found)
+        if choice is None:
+            return not_found(query)
+        if isinstance(choice, list):
+            return ambiguous(query, [(c.gene_id, c.symbol) for c in choice])
+        gene = next(g for g in found if g.gene_id == choice.gene_id)
+        if gene.symbol is None:
+            gene = _Gene(gene.gene_id, choice.symbol, gene.rank, gene.translations)
+        other = guard.claim(query, gene.gene_id, gene.symbol)
+        if other is not None:
+            return duplicate(query, GeneRecord(gene.gene_id, gene.symbol, ()), other)
+        return self._record(query, gene, wanted, matched_by="synonym")
+
+    def _record(self, query: str, gene: _Gene | None, wanted: set[str],
+                matched_by: MatchedBy | None = None) -> GeneIsoforms:
         if gene is None:
             return not_found(query)
         kept = [(t, seq) for t, seq in gene.translations if t.biotype in wanted]
         record = GeneRecord(gene.gene_id, gene.symbol, tuple(t for t, _ in kept))
         if not kept:
-            return no_protein(query, record)
-        return build_gene(query, record, {t.protein_id: seq for t, seq in kept})
+            return no_protein(query, record, matched_by=matched_by)
+        return build_gene(query, record, {t.protein_id: seq for t, seq in kept},
+                          matched_by=matched_by)
 
 
 def _best(candidates: list[_Gene]) -> _Gene:
@@ -442,14 +495,49 @@ def _check_same_release(files: EnsemblFiles, canonical: dict[str, tuple[str, str
 
 def isoforms_from_files(queries: Iterable[str], files: EnsemblFiles | str | os.PathLike[str],
                         *, species: str = "homo_sapiens", release: int | None = None,
-                        biotypes: Sequence[str] = DEFAULT_BIOTYPES) -> list[GeneIsoforms]:
+                        biotypes: Sequence[str] = DEFAULT_BIOTYPES,
+                        synonyms: SynonymTable | str | os.PathLike[str] | None = None
+                        ) -> list[GeneIsoforms]:
     """fetch_isoforms without the network: one GeneIsoforms per distinct query, in order.
 
     `files` is an EnsemblFiles or a directory (then species and release pick the files).
+    `synonyms`: a synonym table (HGNC's complete set) or its path, for outdated symbols.
     """
     found = files if isinstance(files, EnsemblFiles) else find_ensembl_files(
         files, species, release)
-    return EnsemblFilesIndex.load(found).isoforms(queries, biotypes=biotypes)
+    table = synonyms if isinstance(synonyms, SynonymTable | None) else SynonymTable.read(
+        synonyms)
+    return EnsemblFilesIndex.load(found).isoforms(queries, biotypes=biotypes, synonyms=table)
+
+
+SYNONYM_FILE_NAME = "hgnc_complete_set.txt"
+
+
+def download_synonym_table(species: str, directory: str | os.PathLike[str], *,
+                           url: str | None = None, timeout: float = 120.0) -> Path | None:
+    """Fetch HGNC's complete set (about 16 MB) next to the Ensembl files, where offline
+    runs find it; None for a species without a known table. Skips a file already there."""
+    url = url or synonym_file_url(species)
+    if url is None:
+        return None
+    path = Path(directory) / SYNONYM_FILE_NAME
+    if not path.is_file() or path.stat().st_size == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _fetch(url, path, timeout)
+    return path
+
+
+def find_synonym_table(options: SourceOptions, directory: Path) -> SynonymTable | None:
+    """--synonyms FILE, else the table `download` put next to the Ensembl files, else
+    None (then outdated symbols stay not found, with a note in the summary)."""
+    if not options.synonyms:
+        return None
+    path = options.synonyms_file
+    if path is None and synonym_file_url(options.species) is not None:
+        path = directory / SYNONYM_FILE_NAME
+        if not path.is_file():
+            return None
+    return SynonymTable.read(path) if path is not None else None
 
 
 @dataclass(frozen=True)
@@ -459,17 +547,22 @@ class EnsemblFilesSource:
     index: EnsemblFilesIndex
     files: EnsemblFiles
     biotypes: tuple[str, ...]
+    synonyms: SynonymTable | None = None
+    strict: bool = False  # --no_synonyms
 
     @classmethod
     def open(cls, options: SourceOptions) -> EnsemblFilesSource:
-        """Find and parse the files of --ensembl_files (or the download cache) now."""
+        """Find and parse the files of --ensembl_files (or the download cache) and the
+        synonym table now."""
         release = options.ensembl_release
         directory = options.ensembl_files or ensembl_cache_dir(release or 0)
         found = find_ensembl_files(directory, options.species, release)
-        return cls(EnsemblFilesIndex.load(found), found, options.biotypes)
+        return cls(EnsemblFilesIndex.load(found), found, options.biotypes,
+                   find_synonym_table(options, Path(directory)), not options.synonyms)
 
     async def stream(self, queries: Sequence[str]) -> AsyncIterator[GeneIsoforms]:
-        for gene in self.index.isoforms(queries, biotypes=self.biotypes):
+        for gene in self.index.isoforms(queries, biotypes=self.biotypes,
+                                        synonyms=self.synonyms):
             yield gene
 
     def provenance(self) -> dict[str, str | int]:
@@ -479,7 +572,13 @@ class EnsemblFilesSource:
         return found
 
     def describe(self) -> str | None:
-        return f"isoforms from Ensembl files: {self.files.pep}"
+        line = f"isoforms from Ensembl files: {self.files.pep}"
+        if self.synonyms is not None and self.synonyms.path is not None:
+            return f"{line}; outdated symbols through {self.synonyms.path}"
+        if self.strict:
+            return line
+        return (f"{line}; no synonym table, so outdated symbols (SEPT5) stay not found: "
+                "pass --synonyms TABLE (HGNC's hgnc_complete_set.txt for human)")
 
     def unreachable(self) -> str | None:
         return None  # local files, checked when opened

@@ -9,12 +9,12 @@ the output file; only deduplication looks through version suffixes.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from esm2_batch.errors import InputError, first_line
-from esm2_batch.records import query_key
+from esm2_batch.records import query_key, strip_version
 
 _GENE_COLUMNS = ("gene_id", "gene_ids", "ensembl_id", "gene", "gene_symbol", "symbol",
                  "gene_name", "feature")
@@ -44,6 +44,27 @@ def dedupe(queries: Iterable[str]) -> GeneList:
             seen.add(key)
             genes.append(query)
     return GeneList(tuple(genes), tuple(duplicates))
+
+
+def merge_spellings(queries: Sequence[str], gene_id_of: Callable[[str], str | None]
+                    ) -> tuple[list[str], dict[str, str]]:
+    """Queries that resolved to one Ensembl gene are one gene: the first spelling is kept
+    (it is the file's key) and the later ones map to it as aliases. BRAF, braf and
+    ENSG00000157764 in one list would otherwise give three copies of BRAF's rows; queries
+    that resolved to nothing are never merged."""
+    first: dict[str, str] = {}
+    kept: list[str] = []
+    aliases: dict[str, str] = {}
+    for query in queries:
+        gene_id = gene_id_of(query)
+        key = strip_version(gene_id).upper() if gene_id else None
+        if key is not None and key in first:
+            aliases[query] = first[key]
+            continue
+        if key is not None:
+            first[key] = query
+        kept.append(query)
+    return kept, aliases
 
 
 def read_gene_list(path: str | Path, *, column: str | None = None) -> GeneList:

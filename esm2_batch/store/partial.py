@@ -38,6 +38,7 @@ from esm2_batch.records import GeneIsoforms
 from esm2_batch.store.atomic import atomic_json, atomic_save, atomic_write, disk_errors
 
 SETTINGS_FILE = "settings.json"
+PROVENANCE_FILE = "provenance.json"
 ISOFORMS_FILE = "isoforms.jsonl"
 ROWS_DIR = "rows"
 LOCK_FILE = "lock"
@@ -167,6 +168,29 @@ class PartialStore:
             _delete(rows, self.directory)
         with disk_errors(rows):
             rows.mkdir(exist_ok=True)
+
+    # -- provenance ------------------------------------------------------------------------
+    def provenance(self) -> dict[str, Any]:
+        """Facts earlier attempts recorded (the Ensembl release their genes came from, the
+        engines their rows were computed with), so a resumed run's meta keeps them."""
+        path = self.directory / PROVENANCE_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def record_provenance(self, **facts: Any) -> None:
+        """Merge facts into provenance.json (list values are unions, in first-seen order)."""
+        merged = self.provenance()
+        for key, value in facts.items():
+            if isinstance(value, list):
+                known = merged.get(key)
+                earlier: list[Any] = known if isinstance(known, list) else []
+                value = list(dict.fromkeys([*earlier, *value]))
+            if value is not None:
+                merged[key] = value
+        atomic_json(self.directory / PROVENANCE_FILE, merged)
 
     # -- fetched isoforms ----------------------------------------------------------------
     def cached_genes(self) -> dict[str, GeneIsoforms]:

@@ -5,6 +5,11 @@ Shaped on the real replies in tests/fixtures/ensembl/ (BRAF, release 94):
 - POST /lookup/id {"ids", "expand"}: dict keyed by the id as sent, null for unknown ids;
   more than 1000 ids -> 400 {"error": ...}.
 - POST /lookup/symbol/{species} {"symbols", "expand"}: unknown symbols left out.
+- GET /xrefs/symbol/{species}/{symbol}?object_type=gene[&external_db=HGNC]: a list of
+  {"type": "gene", "id": ...} for every gene whose symbol or synonym (FakeGene.synonyms,
+  matched ignoring case) it is, patch copies included, [] when unknown; without
+  object_type, the genes' transcripts follow as {"type": "transcript", ...} (shaped on the
+  real BRCA2 reply in tests/fixtures/ensembl/xrefs_symbol_BRCA2.json).
 - POST /sequence/id {"ids", "type": "protein"}: a list of {query, id, version, seq,
   molecule, desc}; a gene id returns every translation; more than 50 ids -> 400; proteins
   in `drop_ids` are silently left out, as Ensembl does with failures: only the first time
@@ -53,12 +58,15 @@ class FakeGene:
     symbol: str
     transcripts: list[FakeTranscript]
     version: int = 1
+    synonyms: list[str] = field(default_factory=list)  # previous symbols and aliases
+    region: str = "1"                                   # seq_region_name; CHR_* = patch
 
     def lookup_record(self, species: str = "homo_sapiens") -> dict[str, Any]:
         """The expand=1 lookup value, with exons padded to a realistic size."""
         return {
             "id": self.gene_id, "version": self.version, "display_name": self.symbol,
             "object_type": "Gene", "biotype": "protein_coding", "species": species,
+            "seq_region_name": self.region,
             "Transcript": [_transcript_record(self, t) for t in self.transcripts],
         }
 
@@ -118,7 +126,7 @@ def _synthetic_tx(gene: int, k: int, biotype: str, canonical: bool,
 
 @dataclass
 class Fault:
-    """Answer the next `times` requests to `endpoint` ("lookup", "sequence" or "any")
+    """Answer the next `times` requests to `endpoint` ("lookup", "sequence", "xrefs" or "any")
     with `kind`: an HTTP status (int), "html" (a 200 HTML page), "stall" (sleep past the
     client's timeout) or "reset" (close the connection)."""
 
@@ -150,7 +158,8 @@ class FakeEnsembl:
 
     def __post_init__(self) -> None:
         self._by_id = {g.gene_id: g for g in self.genes}
-        self._by_symbol = {g.symbol: g for g in self.genes}
+        primary_last = sorted(self.genes, key=lambda g: not g.region.startswith("CHR_"))
+        self._by_symbol = {g.symbol: g for g in primary_last}
         self._proteins = {t.protein_id: (g, t) for g in self.genes for t in g.transcripts
                           if t.protein_id}
         self._tokens = self.burst or self.rate_limit or 0.0
@@ -164,6 +173,7 @@ class FakeEnsembl:
         app.router.add_post("/lookup/id", self._lookup_id)
         app.router.add_post("/lookup/symbol/{species}", self._lookup_symbol)
         app.router.add_post("/sequence/id", self._sequence_id)
+        app.router.add_get("/xrefs/symbol/{species}/{symbol}", self._xrefs_symbol)
         app.router.add_get("/info/data", self._info_data)
         return app
 
@@ -216,8 +226,23 @@ class FakeEnsembl:
         return await self._handle(request, "sequence", "ids", self.max_sequence,
                                   self._sequences)
 
-    async def _handle(self, request: web.Request, endpoint: str, key: str, limit: int,
-                      answer: Any) -> web.StreamResponse:
+    async def _xrefs_symbol(self, request: web.Request) -> web.StreamResponse:
+        refused = await self._refuse(request, "xrefs")
+        if refused is not None:
+            return refused
+        symbol = request.match_info["symbol"]
+        self.bodies.append(("xrefs", {"symbol": symbol, **request.query}))
+        named = [g for g in self.genes
+                 if symbol.casefold() in {n.casefold() for n in (g.symbol, *g.synonyms)}]
+        found: list[dict[str, str]] = [{"type": "gene", "id": g.gene_id} for g in named]
+        if request.query.get("object_type") != "gene":
+            found += [{"type": "transcript", "id": t.transcript_id}
+                      for g in named for t in g.transcripts]
+        await asyncio.sleep(self.latency)
+        return web.json_response(found, headers=self._budget_headers())
+
+    async def _refuse(self, request: web.Request, endpoint: str) -> web.StreamResponse | None:
+        """Count the request; a 429 or an injected fault when one is due, else None."""
         self.counts["requests"] += 1
         self.counts[endpoint] += 1
         limited = self._rate_limited()
@@ -227,6 +252,13 @@ class FakeEnsembl:
         fault = self._take_fault(endpoint)
         if fault is not None:
             return await self._fault(request, fault)
+        return None
+
+    async def _handle(self, request: web.Request, endpoint: str, key: str, limit: int,
+                      answer: Any) -> web.StreamResponse:
+        refused = await self._refuse(request, endpoint)
+        if refused is not None:
+            return refused
         body = await request.json()
         self.bodies.append((endpoint, body))
         items = body.get(key)
@@ -324,4 +356,15 @@ def genes_for_symbols(symbols: list[str], *, coding: int = 6, nmd: int = 1,
                                   start=number + 1)
         gene.symbol = symbol
         genes.append(gene)
+    return genes
+
+
+def renamed(genes: list[FakeGene], renames: dict[str, str]) -> list[FakeGene]:
+    """Give genes their current names: a gene symbolled with a key of `renames` (an
+    outdated name, SEPT5) is renamed to its value (SEPTIN5) and keeps the old name as a
+    synonym, as HGNC and Ensembl do. Changes the genes in place; returns them."""
+    for gene in genes:
+        if gene.symbol in renames:
+            gene.synonyms.append(gene.symbol)
+            gene.symbol = renames[gene.symbol]
     return genes

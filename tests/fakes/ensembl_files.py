@@ -44,7 +44,8 @@ def patch_copy(gene: FakeGene, number: int = 1) -> FakeGene:
                        None if t.protein_id is None else f"ENSP{base + k:011d}",
                        None if t.sequence is None else "M" + t.sequence[1:][::-1])
         for k, t in enumerate(gene.transcripts)]
-    return FakeGene(f"ENSG{base:011d}", gene.symbol, transcripts)
+    return FakeGene(f"ENSG{base:011d}", gene.symbol, transcripts,
+                    synonyms=list(gene.synonyms), region=f"CHR_HSCHR{6 + number}_1_CTG1")
 
 
 def write_ensembl_files(
@@ -146,3 +147,27 @@ def _canonical_row(gene: FakeGene) -> str:
 
 def _wrap(sequence: str, width: int = 60) -> str:
     return "".join(sequence[i:i + width] + "\n" for i in range(0, len(sequence), width))
+
+
+def write_synonym_table(path: Path, genes: Sequence[FakeGene]) -> Path:
+    """HGNC's complete set for `genes` (primary assembly only, as HGNC lists one Ensembl
+    gene per symbol): the real file's header and column order, the first synonym as
+    prev_symbol, the rest as aliases, multi-valued cells quoted and pipe-separated."""
+    header = ("hgnc_id\tsymbol\tname\tlocus_group\tlocus_type\tstatus\tlocation\t"
+              "location_sortable\talias_symbol\talias_name\tprev_symbol\tprev_name\t"
+              "gene_group\tgene_group_id\tdate_approved_reserved\tdate_symbol_changed\t"
+              "date_name_changed\tdate_modified\tentrez_id\tensembl_gene_id\n")
+    lines = [header]
+    for number, gene in enumerate(g for g in genes if not g.region.startswith("CHR_")):
+        prev, aliases = gene.synonyms[:1], gene.synonyms[1:]
+        cells = [f"HGNC:{number + 1}", gene.symbol, f"{gene.symbol} fake", "protein-coding gene",
+                 "gene with protein product", "Approved", "1p1", "01p1", _cell(aliases), "",
+                 _cell(prev), "", "", "", "2000-01-01", "", "", "2024-01-01", str(number + 1),
+                 gene.gene_id]
+        lines.append("\t".join(cells) + "\n")
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+def _cell(names: Sequence[str]) -> str:
+    return "" if not names else names[0] if len(names) == 1 else '"' + "|".join(names) + '"'

@@ -52,8 +52,10 @@ def test_output_follows_the_contract(tmp_path: Path, fake: FakeEnsembl,
     summary = run(config_for(tmp_path, fake, QUERIES), model=model)
     data = torch.load(tmp_path / "esm_all.pt", weights_only=True)
     assert set(data) == {"emb", "genes", "protein_ids", "gene_to_isoform_indices", "meta"}
-    genes = QUERIES[:-1]
+    # GENE0003 names the gene ENSG00900000003.2 already named: one gene, an alias
+    genes = [q for q in QUERIES[:-1] if q != "GENE0003"]
     assert data["genes"] == genes and summary.duplicates == ["BRAF"]
+    assert data["meta"]["aliases"] == {"GENE0003": "ENSG00900000003.2"}
     assert data["emb"].dtype == torch.float16 and data["emb"].shape[1] == 32
     assert data["emb"].shape[0] == len(data["protein_ids"]) == summary.isoforms
     index = data["gene_to_isoform_indices"]

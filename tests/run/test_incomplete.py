@@ -73,7 +73,7 @@ def test_a_persistently_dropped_isoform_makes_the_gene_incomplete(
     assert report(tmp_path)["GENE0001"] == [
         "incomplete", "ENSG00900000001", "GENE0001",
         f"1 of 3 protein sequences not returned by Ensembl ({THIRD}); "
-        "rerun with --overwrite to retry"]
+        "rerun the same command to retry"]
 
 
 def test_a_dropped_canonical_is_said_first_row_is_not_canonical(
@@ -138,7 +138,7 @@ def test_a_reused_incomplete_gene_keeps_its_status_and_report_line(
     assert summary.incomplete == ["GENE0001"] and summary.canonical_missing == ["GENE0001"]
     assert report(tmp_path)["GENE0001"][3] == (
         f"1 of 3 protein sequences not returned by Ensembl ({CANONICAL}, canonical "
-        "missing); rerun with --overwrite to retry")
+        "missing); rerun the same command to retry")
 
 
 @pytest.mark.parametrize("strict", [False, True])
@@ -194,9 +194,9 @@ def test_old_cache_lines_still_load() -> None:
 def test_incomplete_reason_tells_ensembl_gaps_from_embedding_failures() -> None:
     assert incomplete_reason(["P2", "P3"], rows=1, canonical_missing=True, failed={"P3"}) == (
         "1 of 3 protein sequences not returned by Ensembl (P2, canonical missing); rerun "
-        "with --overwrite to retry; 1 of 3 protein sequences failed to embed (P3; see the "
+        "the same command to retry; 1 of 3 protein sequences failed to embed (P3; see the "
         ".failed.tsv file)")
     gene = GeneIsoforms("A", "ENSG1", "A", (_iso("P1", True),), "incomplete", ("P2",), "P1")
     assert unresolved_rows([gene])[0][4] == (
-        "1 of 2 protein sequences not returned by Ensembl (P2); rerun with --overwrite to "
-        "retry")
+        "1 of 2 protein sequences not returned by Ensembl (P2); rerun the same command "
+        "to retry")

@@ -20,7 +20,7 @@ from esm2_batch.run.reports import (
 @pytest.mark.parametrize(("query", "status", "species", "expected"), [
     ("BRAF", "ok", None, ""),
     ("MALAT1", "no_protein", None, "non-coding gene"),
-    ("BRAF", "incomplete", None, "not returned by Ensembl; rerun with --overwrite"),
+    ("BRAF", "incomplete", None, "not returned by Ensembl; rerun the same command"),
     ("RP11-34P13.3", "not_found", None, "old clone-based name (RP11-"),
     ("CTD-2510F5.4", "not_found", None, "old clone-based name"),
     ("AC012345.1", "not_found", None, "clone-based name (AC..., AL...)"),

@@ -15,6 +15,15 @@ Request plan (bulk POST endpoints only):
 For 2000 genes that is 20 lookups + at most 40 sequence requests. lookup/symbol matches
 the display label exactly, so symbols it misses are asked once more in the human (CD3E)
 and mouse (Cd3e) spellings, with a warning when that is what matched.
+
+3. Symbols still missed (an outdated name: SEPT5, KIAA0101) are looked up by synonym
+   (`synonyms=True`, the default): one GET xrefs/symbol/{species}/{symbol}
+   ?object_type=gene&external_db=HGNC (MGI for mouse) each, through the same limiter,
+   pause and retries, once every lookup/symbol has answered; then one POST lookup/id for
+   all the genes those name and the usual sequence requests, shared by all misses. The
+   rule that picks the gene, or reports it ambiguous or a duplicate, is
+   sources/synonyms.py's. Spreadsheet dates (7-Sep) and clone names (RP11-...) are never
+   looked up. 80 misses cost 80 + 1 + 2 requests.
 """
 
 from __future__ import annotations
@@ -23,23 +32,40 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote, urlencode
 
 import aiohttp
 
-from esm2_batch.errors import EnsemblError, EnsemblResponseError, EnsemblUnavailableError
-from esm2_batch.records import GeneIsoforms, is_ensembl_gene_id, query_key
+from esm2_batch.errors import (
+    EnsemblError,
+    EnsemblRequestError,
+    EnsemblResponseError,
+    EnsemblUnavailableError,
+)
+from esm2_batch.records import GeneIsoforms, MatchedBy, is_ensembl_gene_id, query_key
 from esm2_batch.sources.base import SourceOptions
 from esm2_batch.sources.ensembl_rest.parse import (
     GeneRecord,
+    ambiguous,
     build_gene,
+    duplicate,
     index_sequences,
     no_protein,
     not_found,
     parse_gene,
+    parse_xrefs,
 )
 from esm2_batch.sources.ensembl_rest.transport import JsonTransport, RetryPolicy
 from esm2_batch.sources.gene_lists import dedupe
+from esm2_batch.sources.synonyms import (
+    Candidate,
+    DuplicateGuard,
+    choose,
+    is_primary_region,
+    synonym_db,
+    worth_a_lookup,
+)
 
 log = logging.getLogger("esm2_batch.sources.ensembl_rest")
 T = TypeVar("T")
@@ -48,6 +74,8 @@ DEFAULT_BASE_URL = "https://rest.ensembl.org"
 DEFAULT_BIOTYPES: tuple[str, ...] = ("protein_coding",)
 MAX_LOOKUP_IDS = 1000
 MAX_SEQUENCE_IDS = 50
+Lookup = Literal["id", "symbol"]
+Pending = tuple[str, GeneRecord, MatchedBy]
 
 
 def resolve_base_url(base_url: str | None) -> str:
@@ -77,6 +105,7 @@ class EnsemblClient:
         lookup_chunk_size: int = 100,
         sequence_chunk_size: int = MAX_SEQUENCE_IDS,
         session: aiohttp.ClientSession | None = None,
+        synonyms: bool = True,
     ) -> None:
         if not 1 <= lookup_chunk_size <= MAX_LOOKUP_IDS:
             raise ValueError(f"lookup_chunk_size must be 1..{MAX_LOOKUP_IDS}")
@@ -87,6 +116,7 @@ class EnsemblClient:
         self.biotypes = tuple(biotypes)
         self.lookup_chunk_size = lookup_chunk_size
         self.sequence_chunk_size = sequence_chunk_size
+        self.synonyms = synonyms
         retry = RetryPolicy(max_attempts=max_attempts, backoff_base=backoff_base)
         self.transport = JsonTransport(self.base_url, rate_limit=rate_limit,
                                        parallel_workers=parallel_workers, timeout=timeout,
@@ -144,33 +174,119 @@ class EnsemblClient:
                    results: asyncio.Queue[GeneIsoforms | BaseException | None]) -> None:
         ids = [q for q in queries if is_ensembl_gene_id(q)]
         symbols = [q for q in queries if not is_ensembl_gene_id(q)]
+        emit = results.put_nowait
         try:
             async with asyncio.TaskGroup() as group:
-                for kind, batch in (("id", ids), ("symbol", symbols)):
-                    for chunk in _chunks(batch, self.lookup_chunk_size):
-                        group.create_task(self._resolve_chunk(kind, chunk, results.put_nowait))
+                misses: list[asyncio.Future[list[str]]] = []
+                for chunk in _chunks(ids, self.lookup_chunk_size):
+                    group.create_task(self._resolve_chunk("id", chunk, emit))
+                for chunk in _chunks(symbols, self.lookup_chunk_size):
+                    missed: asyncio.Future[list[str]] | None = None
+                    if self.synonyms:
+                        missed = asyncio.get_running_loop().create_future()
+                        misses.append(missed)
+                    group.create_task(self._resolve_chunk("symbol", chunk, emit, missed))
+                if misses:
+                    group.create_task(self._resolve_synonyms(symbols, misses, emit,
+                                                             DuplicateGuard.of(queries)))
         except BaseExceptionGroup as group_error:
             results.put_nowait(_first_error(group_error))
             return
         results.put_nowait(None)
 
-    async def _resolve_chunk(self, kind: str, queries: list[str], emit: Any) -> None:
-        """Lookup one chunk, emit what needs no sequence, then fetch the rest's sequences."""
+    async def _resolve_chunk(self, kind: Lookup, queries: list[str], emit: Any,
+                             missed: asyncio.Future[list[str]] | None = None) -> None:
+        """Lookup one chunk, emit what needs no sequence, then fetch the rest's sequences.
+        With `missed`, the queries the lookup did not find go there (for the synonym
+        step) instead of being emitted as not found."""
         genes = await self._lookup(kind, queries)
-        pending: list[tuple[str, GeneRecord]] = []
+        if missed is not None:
+            missed.set_result([q for q in queries if q not in genes])
+            queries = [q for q in queries if q in genes]
+        await self._emit_or_fetch(queries, dict(genes), kind, emit)
+
+    async def _resolve_synonyms(self, symbols: list[str],
+                                misses: list[asyncio.Future[list[str]]], emit: Any,
+                                guard: DuplicateGuard) -> None:
+        """Once every symbol lookup is done: the symbols they missed, by synonym, in input
+        order, so their lookup/id and sequence requests are shared by all chunks."""
+        missed = {q for chunk in await asyncio.gather(*misses) for q in chunk}
+        ordered = [q for q in symbols if q in missed]
+        await self._emit_or_fetch(ordered, await self._by_synonym(ordered, guard),
+                                  "synonym", emit)
+
+    async def _emit_or_fetch(self, queries: list[str],
+                             genes: dict[str, GeneRecord] | dict[str, GeneRecord | GeneIsoforms],
+                             matched_by: MatchedBy, emit: Any) -> None:
+        """Emit the queries' records that need no sequence; fetch the others' sequences."""
+        pending: list[Pending] = []
         for query in queries:
             gene = genes.get(query)
             if gene is None:
                 emit(not_found(query))
+            elif isinstance(gene, GeneIsoforms):
+                emit(gene)  # ambiguous, or a duplicate of another query
             elif not gene.translations:
-                emit(no_protein(query, gene))
+                emit(no_protein(query, gene, matched_by=matched_by))
             else:
-                pending.append((query, gene))
+                pending.append((query, gene, matched_by))
         async with asyncio.TaskGroup() as group:
             for chunk in _chunks(pending, self.sequence_chunk_size):
                 group.create_task(self._sequences(chunk, emit))
 
-    async def _lookup(self, kind: str, queries: list[str]) -> dict[str, GeneRecord]:
+    async def _by_synonym(self, missed: list[str], guard: DuplicateGuard
+                          ) -> dict[str, GeneRecord | GeneIsoforms]:
+        """Missed symbols -> the gene each names as a synonym (GeneRecord), or a final
+        record (ambiguous, duplicate); symbols that name no gene are left out."""
+        asked = [q for q in missed if worth_a_lookup(q)]
+        if not asked:
+            return {}
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(self._xrefs(q)) for q in asked]
+        named = {q: t.result() for q, t in zip(asked, tasks, strict=True)}
+        records = await self._lookup_ids(list(dict.fromkeys(i for ids in named.values()
+                                                            for i in ids)), asked)
+        out: dict[str, GeneRecord | GeneIsoforms] = {}
+        for query, gene_ids in named.items():
+            found = [records[g] for g in gene_ids if g in records]
+            choice = choose(Candidate(g.gene_id, g.symbol, is_primary_region(g.region),
+                                      bool(g.translations)) for g in found)
+            if isinstance(choice, list):
+                out[query] = ambiguous(query, [(c.gene_id, c.symbol) for c in choice])
+            elif choice is not None:
+                gene = next(g for g in found if g.gene_id == choice.gene_id)
+                other = guard.claim(query, gene.gene_id, gene.symbol)
+                out[query] = duplicate(query, gene, other) if other else gene
+                log.info("%s: found under its current name %s (%s)", query, gene.symbol,
+                         gene.gene_id)
+        return out
+
+    async def _xrefs(self, symbol: str) -> list[str]:
+        """The Ensembl gene IDs a symbol is linked to (display name, synonym or external
+        reference); a symbol the server refuses (HTTP 400) names none."""
+        params = {"object_type": "gene"}
+        db = synonym_db(self.species)
+        if db is not None:
+            params["external_db"] = db
+        path = (f"/xrefs/symbol/{quote(self.species, safe='')}/{quote(symbol, safe='')}"
+                f"?{urlencode(params)}")
+        try:
+            reply = await self.transport.post(path, None, queries=[symbol])
+        except EnsemblRequestError as exc:
+            log.info("%s: no synonym lookup (%s)", symbol, exc)
+            return []
+        return parse_xrefs(reply, path="/xrefs/symbol")
+
+    async def _lookup_ids(self, gene_ids: list[str], queries: list[str]
+                          ) -> dict[str, GeneRecord]:
+        """lookup/id (expand) of gene IDs, keyed by the ID as sent; unknown ones left out."""
+        found: dict[str, GeneRecord] = {}
+        for chunk in _chunks(gene_ids, MAX_LOOKUP_IDS):
+            found.update(await self._lookup_keys("/lookup/id", "ids", {g: g for g in chunk},
+                                                 queries))
+        return found
+
+    async def _lookup(self, kind: Lookup, queries: list[str]) -> dict[str, GeneRecord]:
         if kind == "id":
             keys = {query_key(q): q for q in queries}
             return await self._lookup_keys("/lookup/id", "ids", keys, queries)
@@ -202,20 +318,20 @@ class EnsemblClient:
                 out[query] = gene
         return out
 
-    async def _sequences(self, chunk: list[tuple[str, GeneRecord]], emit: Any) -> None:
+    async def _sequences(self, chunk: list[Pending], emit: Any) -> None:
         """Fetch every wanted translation of a chunk of genes, joined on (query, id)."""
-        queries = [q for q, _ in chunk]
-        gene_ids = list(dict.fromkeys(g.gene_id for _, g in chunk))
+        queries = [q for q, _, _ in chunk]
+        gene_ids = list(dict.fromkeys(g.gene_id for _, g, _ in chunk))
         body = {"ids": gene_ids, "type": "protein", "multiple_sequences": 1}
         index = index_sequences(await self.transport.post("/sequence/id", body,
                                                           queries=queries))
         found = {pid: seq for (gid, pid), seq in index.items()}
-        missing = [t.protein_id for _, g in chunk for t in g.translations
+        missing = [t.protein_id for _, g, _ in chunk for t in g.translations
                    if (g.gene_id.upper(), t.protein_id) not in index]
         if missing:
             found.update(await self._sequences_by_protein(missing, queries))
-        for query, gene in chunk:
-            emit(build_gene(query, gene, found))
+        for query, gene, matched_by in chunk:
+            emit(build_gene(query, gene, found, matched_by=matched_by))
 
     async def _sequences_by_protein(self, protein_ids: list[str],
                                     queries: list[str]) -> dict[str, str]:
@@ -253,8 +369,13 @@ def fetch_isoforms(
     rate_limit: float = 10.0,
     parallel_workers: int = 10,
     biotypes: Iterable[str] = DEFAULT_BIOTYPES,
+    synonyms: bool = True,
 ) -> list[GeneIsoforms]:
     """Synchronous convenience: one GeneIsoforms per distinct query, in input order.
+
+    `synonyms`: look symbols Ensembl does not know as current names up as previous names
+    and aliases (SEPT5 -> SEPTIN5; GeneIsoforms.matched_by says "synonym"); False keeps
+    strict matching.
 
     Runs its own event loop; from inside a running loop (Jupyter) it uses a worker
     thread, since asyncio.run refuses to nest.
@@ -264,7 +385,7 @@ def fetch_isoforms(
     async def main() -> list[GeneIsoforms]:
         async with EnsemblClient(species=species, base_url=base_url, rate_limit=rate_limit,
                                  parallel_workers=parallel_workers,
-                                 biotypes=biotypes) as client:
+                                 biotypes=biotypes, synonyms=synonyms) as client:
             return await client.fetch_isoforms(queries)
 
     return run_sync(main)
@@ -295,7 +416,8 @@ class EnsemblRestSource:
         async with EnsemblClient(species=options.species, base_url=options.ensembl_url,
                                  rate_limit=options.rate_limit,
                                  parallel_workers=options.parallel_workers,
-                                 biotypes=options.biotypes) as client:
+                                 biotypes=options.biotypes,
+                                 synonyms=options.synonyms) as client:
             self.release = await client.release()
             async for gene in client.iter_isoforms(queries):
                 yield gene

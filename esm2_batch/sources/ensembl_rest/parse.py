@@ -14,6 +14,8 @@ from esm2_batch.errors import EnsemblResponseError
 from esm2_batch.records import (
     GeneIsoforms,
     Isoform,
+    MatchedBy,
+    is_ensembl_gene_id,
     isoform_sort_key,
     settled_status,
     strip_version,
@@ -33,11 +35,13 @@ class Translation:
 
 @dataclass(frozen=True, slots=True)
 class GeneRecord:
-    """A gene as lookup/id or lookup/symbol with expand=1 describes it."""
+    """A gene as lookup/id or lookup/symbol with expand=1 describes it; `region` is its
+    seq_region_name (a CHR_* region is a patch or haplotype, not the primary assembly)."""
 
     gene_id: str
     symbol: str | None
     translations: tuple[Translation, ...]
+    region: str | None = None
 
 
 def parse_gene(record: Any, *, biotypes: Iterable[str]) -> GeneRecord | None:
@@ -55,7 +59,22 @@ def parse_gene(record: Any, *, biotypes: Iterable[str]) -> GeneRecord | None:
         t for t in (_translation(tx) for tx in record.get("Transcript") or ())
         if t is not None and t.biotype in wanted
     )
-    return GeneRecord(strip_version(record["id"]), record.get("display_name"), translations)
+    region = record.get("seq_region_name")
+    return GeneRecord(strip_version(record["id"]), record.get("display_name"), translations,
+                      str(region) if region is not None else None)
+
+
+def parse_xrefs(reply: Any, *, path: str = "/xrefs/symbol") -> list[str]:
+    """GET xrefs/symbol reply -> the Ensembl gene IDs it names, in order, once each.
+
+    The reply is a list of {"type": "gene" | "transcript" | ..., "id": ...}; LRG_ records
+    (Locus Reference Genomic) are typed "gene" too but are not Ensembl genes.
+    """
+    if not isinstance(reply, list):
+        raise EnsemblResponseError(f"{path}: expected a JSON list, got {type(reply).__name__}")
+    ids = [strip_version(str(item.get("id", ""))) for item in reply
+           if isinstance(item, Mapping) and item.get("type") == "gene"]
+    return list(dict.fromkeys(i for i in ids if is_ensembl_gene_id(i)))
 
 
 def _translation(transcript: Any) -> Translation | None:
@@ -91,7 +110,8 @@ def index_sequences(reply: Any, *, path: str = "/sequence/id") -> dict[tuple[str
     return index
 
 
-def build_gene(query: str, gene: GeneRecord, sequences: Mapping[str, str]) -> GeneIsoforms:
+def build_gene(query: str, gene: GeneRecord, sequences: Mapping[str, str], *,
+               matched_by: MatchedBy | None = None) -> GeneIsoforms:
     """Join a gene's translations with their sequences, canonical first.
 
     Translations whose sequence never arrived are recorded in missing_protein_ids and
@@ -111,7 +131,7 @@ def build_gene(query: str, gene: GeneRecord, sequences: Mapping[str, str]) -> Ge
     missing_ids = tuple(sorted(missing))
     return GeneIsoforms(query, gene.gene_id, gene.symbol, tuple(isoforms),
                         settled_status(tuple(isoforms), missing_ids), missing_ids,
-                        canonical_protein_id(gene))
+                        canonical_protein_id(gene), _matched(query, matched_by))
 
 
 def canonical_protein_id(gene: GeneRecord) -> str | None:
@@ -123,5 +143,24 @@ def not_found(query: str) -> GeneIsoforms:
     return GeneIsoforms(query, None, None, (), "not_found")
 
 
-def no_protein(query: str, gene: GeneRecord) -> GeneIsoforms:
-    return GeneIsoforms(query, gene.gene_id, gene.symbol, (), "no_protein")
+def no_protein(query: str, gene: GeneRecord, *,
+               matched_by: MatchedBy | None = None) -> GeneIsoforms:
+    return GeneIsoforms(query, gene.gene_id, gene.symbol, (), "no_protein",
+                        matched_by=_matched(query, matched_by))
+
+
+def ambiguous(query: str, candidates: Iterable[tuple[str, str | None]]) -> GeneIsoforms:
+    """A synonym naming several current genes: not found, with the candidates."""
+    return GeneIsoforms(query, None, None, (), "not_found",
+                        candidates=tuple((g, s or "") for g, s in candidates))
+
+
+def duplicate(query: str, gene: GeneRecord, of: str) -> GeneIsoforms:
+    """A synonym of a gene the list already asks for as `of`: kept once, under `of`. The
+    gene is named in `candidates`, not gene_id, so the duplicate never stands in for it."""
+    return GeneIsoforms(query, None, None, (), "not_found", matched_by="synonym",
+                        candidates=((gene.gene_id, gene.symbol or ""),), duplicate_of=of)
+
+
+def _matched(query: str, matched_by: MatchedBy | None) -> MatchedBy:
+    return matched_by or ("id" if is_ensembl_gene_id(query) else "symbol")
