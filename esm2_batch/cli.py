@@ -274,7 +274,7 @@ def download(
     """Fetch (or print the URLs of) Ensembl's FTP files for offline runs."""
 
     def work() -> None:
-        from esm2_batch.sources.ensembl_files import (
+        from esm2_batch.sources.ensembl_ftp import (
             SYNONYM_FILE_NAME,
             download_commands,
             download_ensembl_files,

@@ -4,7 +4,9 @@
     gene_lists.py      txt/csv/tsv gene lists: IDs vs symbols, dedupe
     h5ad_genes.py      the highly variable genes of an .h5ad (var only, never X)
     ensembl_rest/      Ensembl REST: client.py, transport.py, parse.py (async, rate-limited)
-    ensembl_files.py   Ensembl's pep.all.fa.gz + canonical.tsv.gz, offline
+    ensembl_ftp.py     where Ensembl's FTP files are; downloading them
+    ensembl_files.py   reading pep.all.fa.gz + canonical.tsv.gz, offline
+    synonyms.py        outdated symbols -> current genes (xrefs rule, HGNC's table)
     isoforms_fasta.py  the --isoforms / --save_isoforms FASTA
     fasta.py           the one FASTA reader
 """

@@ -15,14 +15,16 @@ import pytest
 
 from esm2_batch.errors import EnsemblUnavailableError, InputError
 from esm2_batch.sources.ensembl_files import (
-    EnsemblFiles,
     EnsemblFilesIndex,
+    isoforms_from_files,
+)
+from esm2_batch.sources.ensembl_ftp import (
+    EnsemblFiles,
     download_commands,
     download_ensembl_files,
     ensembl_cache_dir,
     ensembl_file_urls,
     find_ensembl_files,
-    isoforms_from_files,
 )
 from esm2_batch.sources.ensembl_rest import EnsemblClient
 from tests.fakes.ensembl import FakeEnsembl, FakeGene, braf, synthetic_genes
