@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,50 +152,6 @@ def _single_threaded_env() -> dict[str, str]:
     process and the fake server for the cores."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "OPENBLAS_NUM_THREADS": "1"}
-
-
-@pytest.mark.slow
-def test_kill_9_then_rerun_gives_the_same_file(tmp_path: Path, checkpoint: Path,
-                                               model: LoadedModel) -> None:
-    genes = synthetic_genes(100, coding=3, nmd=0, seed=3)
-    queries = [g.symbol for g in genes]
-    server = FakeEnsembl(genes, latency=0.05)
-    with server.running_in_thread() as url:
-        config = config_for(tmp_path, server, queries, toks_per_batch=1024)
-        args = ["--hvg_file", str(config.hvg_file), "--out", str(config.out), "--model_path",
-                str(checkpoint), "--ensembl_url", url, "--rate_limit", "4", "-q",
-                "--toks_per_batch", "1024"]
-        env = _single_threaded_env()
-        proc = subprocess.Popen(_cli(*args), cwd=ROOT, env=env)
-        rows = partial_dir(config.out) / "rows"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (rows.is_dir() and any(rows.glob("*.pt"))):
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        assert not config.out.exists(), "the run finished before it could be killed"
-        cached = (partial_dir(config.out) / "isoforms.jsonl").read_text().count("\n")
-        assert cached > 0
-        server.bodies.clear()
-        # the rate limit only slowed the first run enough to kill it mid-way; it is not a
-        # setting the rows depend on, so the rerun may fetch the rest at full speed
-        rerun = [*args[: args.index("--rate_limit") + 1], "1000",
-                 *args[args.index("--rate_limit") + 2 :]]
-        done = subprocess.run(_cli(*rerun), cwd=ROOT, capture_output=True, text=True, env=env)
-        assert done.returncode == 0, done.stderr
-        refetched = {s for _, b in server.bodies for s in b.get("symbols", [])}
-    assert len(refetched) == len(queries) - cached  # cached genes are not fetched again
-    resumed = read_esm_file(config.out)
-    clean = with_flags(config, out=tmp_path / "clean.pt", isoforms=None)
-    with server.running_in_thread() as url:
-        run(with_flags(clean, ensembl_url=url), model=model)
-    reference = read_esm_file(clean.out)
-    assert resumed.genes == reference.genes and resumed.protein_ids == reference.protein_ids
-    assert resumed.gene_to_isoform_indices == reference.gene_to_isoform_indices
-    assert len(set(resumed.protein_ids)) == len(resumed.protein_ids)  # no duplicates
-    limit = stored_tolerance(torch.float16, magnitude=float(reference.emb.float().abs().max()),
-                             terms=4 * model.embed_dim, depth=model.num_layers)
-    assert (resumed.emb.float() - reference.emb.float()).abs().max() <= limit
 
 
 def test_fasta_mode_format_skipping_and_failures(tmp_path: Path, model: LoadedModel) -> None:
