@@ -5,7 +5,11 @@ plus transfer time at `--bandwidth` bytes/s, and a token-bucket limit of `--serv
 requests/s that answers 429 + Retry-After. The floor for any client is requests /
 server_rate; `wall_over_floor` says how close the client gets. JSON is the last line.
 
-    python scripts/bench_fetch.py            # 2000 genes, ~6 coding isoforms each
+    python scripts/bench_fetch.py               # 2000 genes, ~6 coding isoforms each
+    python scripts/bench_fetch.py --renamed 80  # 80 of them asked by an outdated name
+
+With --renamed N, N genes are asked for by a previous symbol the server knows only as a
+synonym (as SEPT5 for SEPTIN5), so each costs one GET /xrefs/symbol plus shared lookups.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--server_rate", type=float, default=15.0)
     p.add_argument("--rate_limit", type=float, default=15.0, help="the client's limit")
     p.add_argument("--parallel_workers", type=int, default=10)
+    p.add_argument("--renamed", type=int, default=0,
+                   help="genes asked for by an outdated symbol (resolved via /xrefs/symbol)")
     return p.parse_args()
 
 
@@ -50,14 +56,19 @@ async def fetch(url: str, queries: list[str], args: argparse.Namespace) -> tuple
 def main() -> None:
     args = parse_args()
     genes = synthetic_genes(args.genes, coding=args.coding, nmd=1)
+    queries = [g.symbol for g in genes]
+    for i in range(args.renamed):  # spread over the list, as renamed genes are in real ones
+        gene = genes[i * len(genes) // args.renamed]
+        gene.synonyms = [f"OLD{gene.symbol}"]
+        queries[genes.index(gene)] = f"OLD{gene.symbol}"
     fake = FakeEnsembl(genes, rate_limit=args.server_rate, latency=args.latency,
                        bandwidth=args.bandwidth)
     with fake.running_in_thread() as url:
-        wall, stats = asyncio.run(fetch(url, [g.symbol for g in genes], args))
+        wall, stats = asyncio.run(fetch(url, queries, args))
     requests = fake.counts["requests"]
     floor = requests / args.server_rate
     result = {
-        "genes": args.genes, "isoforms": args.genes * args.coding,
+        "genes": args.genes, "renamed": args.renamed, "isoforms": args.genes * args.coding,
         "requests": requests, "n429": fake.counts["429"],
         "lookup_requests": fake.counts["lookup"], "sequence_requests": fake.counts["sequence"],
         "retries": stats.get("retries", 0), "wall_s": round(wall, 3),
