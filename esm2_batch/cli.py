@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 
@@ -28,8 +29,40 @@ from esm2_batch.errors import (
     StoreError,
 )
 
+_POOLER_WORD = r"mean|bos|max|std|per_tok"
+LIST_FLAGS = {"--repr_layers": r"-?\d+", "--repr-layers": r"-?\d+",
+              "--include": _POOLER_WORD}
+"""Flags that take several space-separated values, as esm-extract's (nargs='+'), and the
+pattern a following word must match to be one of them (a file name never is)."""
+
+
+def join_list_flags(args: list[str]) -> list[str]:
+    """`--repr_layers 20 -1` -> `--repr_layers 20,-1`: click options take one value each
+    (and would read -1 as a flag), so the words after a list flag are joined first."""
+    out: list[str] = []
+    pattern: str | None = None  # set while the words after a list flag are read
+    for arg in args:
+        if pattern is not None and re.fullmatch(pattern, arg):
+            if out[-1] in LIST_FLAGS:
+                out.append(arg)  # the first value
+            else:
+                out[-1] = f"{out[-1]},{arg}"
+            continue
+        pattern = LIST_FLAGS.get(arg)
+        out.append(arg)
+    return out
+
+
+class _Group(typer.core.TyperGroup):
+    """The app's group: list flags joined (join_list_flags) before click parses."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # typer vendors click
+        parsed: list[str] = super().parse_args(ctx, join_list_flags(args))
+        return parsed
+
+
 app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False,
-                  context_settings={"help_option_names": ["-h", "--help"]},
+                  context_settings={"help_option_names": ["-h", "--help"]}, cls=_Group,
                   help="Gene list -> Ensembl isoforms -> ESM2 vectors -> esm_all.pt.")
 
 EXIT_CODES: tuple[tuple[type[Esm2BatchError], int], ...] = (
@@ -67,6 +100,14 @@ Truncation = Annotated[int, _opt("--truncation", help="Residues kept per sequenc
                                  "context holds 1022).")]
 LongSeqsOpt = Annotated[str, _opt("--long_seqs", help="truncate (first --truncation residues) "
                                   "or window (overlapping windows over the whole protein).")]
+ReprLayers = Annotated[str | None, _opt(
+    "--repr_layers", help="Layers to pool, as esm-extract's: several at once (one forward), "
+    "negative counts from the end (default -1, the last), e.g. --repr_layers 20 -1. The "
+    "first goes to emb (FASTA: data); the others to emb_<pooler>_layer<L> (data_...).")]
+Include = Annotated[str | None, _opt(
+    "--include", help="Poolers, several at once: mean (default), bos, max, std (per channel "
+    "over residues only, no BOS/EOS/padding), e.g. --include mean max. The first at the "
+    "first layer is emb.")]
 RayAddress = Annotated[str | None, _opt(
     "--ray", help="Embed on Ray: 'local' (start one on this machine), 'auto' (join "
     "$RAY_ADDRESS) or a cluster address. Needs the [ray] extra.")]
@@ -116,6 +157,8 @@ def main(
                                   "whose proteins count.")] = "protein_coding",
     truncation: Truncation = 1022,
     long_seqs: LongSeqsOpt = "truncate",
+    repr_layers: ReprLayers = None,
+    include: Include = None,
     isoforms: Annotated[Path | None, _opt(
         "--isoforms", help="Skip Ensembl: a FASTA as written by --save_isoforms.")] = None,
     save_isoforms: Annotated[Path | None, _opt(
@@ -171,7 +214,8 @@ def main(
                                engine=_engine(engine), backend=backend,
                                dtype=_dtype(dtype)),
             embed=EmbedOptions(toks_per_batch=toks_per_batch, batch_size=batch_size,
-                               truncation=truncation, long_seqs=_long_seqs(long_seqs)),
+                               truncation=truncation, long_seqs=_long_seqs(long_seqs),
+                               repr_layers=_layers(repr_layers), include=_poolers(include)),
             stage=StageOptions(ray=ray, ray_actors=ray_actors, progress=not quiet),
             output=OutputOptions(out=out, overwrite=overwrite, save_isoforms=save_isoforms,
                                  write_h5ad=write_h5ad,
@@ -202,6 +246,8 @@ def fasta(
     toks_per_batch: Toks = 4096,
     truncation: Truncation = 1022,
     long_seqs: LongSeqsOpt = "truncate",
+    repr_layers: ReprLayers = None,
+    include: Include = None,
     overwrite: Overwrite = False,
     ray: RayAddress = None,
     ray_actors: RayActors = None,
@@ -224,7 +270,8 @@ def fasta(
             inputs, model=model, out_dir=out_dir, overwrite=overwrite, model_source=source,
             device=device,
             embed=EmbedOptions(toks_per_batch=toks_per_batch, batch_size=batch_size,
-                               truncation=truncation, long_seqs=_long_seqs(long_seqs)),
+                               truncation=truncation, long_seqs=_long_seqs(long_seqs),
+                               repr_layers=_layers(repr_layers), include=_poolers(include)),
             stage=StageOptions(ray=ray, ray_actors=ray_actors, progress=not quiet))
         for r in results:
             state = "skipped (exists)" if r.skipped else f"{r.proteins} proteins"
@@ -245,6 +292,8 @@ def export(
     include_missing: Annotated[bool, _opt(
         "--include_missing", help="npz/parquet: keep genes without protein as zero rows."
     )] = False,
+    key: Annotated[str, _opt("--key", help="The matrix to export: emb (default) or one of "
+                             "meta['matrices'], e.g. emb_max_layer20.")] = "emb",
     quiet: Quiet = False,
 ) -> None:
     """Write one vector per gene of an esm_all.pt for SATURN/UCE or non-torch users."""
@@ -253,7 +302,7 @@ def export(
         from esm2_batch.outputs.export import export_genes
 
         result = export_genes(esm_file, fmt=fmt, gene_pooling=_gene_pooling(gene_pooling),
-                              out=out, include_missing=include_missing)
+                              out=out, include_missing=include_missing, key=key)
         for line in result.lines():
             _say(line, quiet)
 
@@ -325,6 +374,22 @@ def _gene_pooling(value: str) -> Literal["canonical", "mean"]:
 
 def _long_seqs(value: str) -> Literal["truncate", "window"]:
     return _choice(value, ("truncate", "window"), "--long_seqs")
+
+
+def _layers(value: str | None) -> tuple[int, ...]:
+    """--repr_layers "20,-1" (join_list_flags made it one word) -> (20, -1)."""
+    words = [w for w in (value or "").split(",") if w.strip()]
+    try:
+        return tuple(int(w) for w in words)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a list of layer numbers (e.g. 20 -1)",
+                                 param_hint="--repr_layers") from None
+
+
+def _poolers(value: str | None) -> tuple[Literal["mean", "bos", "max", "std"], ...]:
+    """--include "mean,max" -> ("mean", "max"); per_tok is not written yet."""
+    words = [w.strip() for w in (value or "").split(",") if w.strip()]
+    return tuple(_choice(w, ("mean", "bos", "max", "std"), "--include") for w in words)
 
 
 def _model_name(model_path: Path | None, model_size: str) -> str:

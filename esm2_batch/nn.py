@@ -64,8 +64,12 @@ def load_esm_matrix(
     genes: Sequence[str],
     *,
     isoform: str = "canonical",
+    key: str = "emb",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read esm_all.pt into rows aligned with `genes`, the model's own vocabulary.
+
+    `key` picks the matrix: "emb" (the contract's), or a further one such as
+    "emb_max_layer20" written by --repr_layers / --include (meta["matrices"] lists them).
 
     Returns `(matrix [len(genes), dim] float32, has_protein [len(genes)] bool)`. Row i
     belongs to genes[i] whatever order the file has; a gene the file lacks, or one it
@@ -84,7 +88,7 @@ def load_esm_matrix(
     """
     _check_isoform(isoform)
     vocabulary = _as_gene_list(genes)
-    esm = read_esm_file(path)
+    esm = read_esm_file(path).select(key)
     rows = esm.match_rows(vocabulary)  # one list[int] per gene, None when not in the file
     absent = [gene for gene, found in zip(vocabulary, rows, strict=True) if found is None]
     if absent:

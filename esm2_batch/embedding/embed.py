@@ -4,7 +4,9 @@ Two entry points share one pipeline (plan, forward, pool, check):
 
 - `embed_sequences` returns every row at once, in input order: a float32 CPU tensor
   [n, dim] (``pooling="mean"`` or ``"bos"``) or a list of [L_i, dim] tensors
-  (``"per_residue"``).
+  (``"per_residue"``); with several ``repr_layers`` / ``include`` poolers, a dict of such
+  matrices named "mean_layer33", "max_layer20", ... (one forward per batch serves every
+  layer: `models.layer_states`).
 - `iter_embeddings` yields one `Embedded` record per input as soon as its batch is done
   (completion order, longest sequences first), so a caller can write rows to disk as they
   are made; failures arrive as records too, and the rest go on.
@@ -21,7 +23,8 @@ Policies, decided once here:
   ``min(truncation, 1022)`` residues overlapping by a quarter window (see
   `batching.plan_windows`); each residue's state is the mean over the windows covering it,
   then pooled, so a titin costs ~46 window passes and never more memory than one.
-  ``pooling="bos"`` in window mode is the mean of the windows' BOS states.
+  ``pooling="bos"`` in window mode is the mean of the windows' BOS states; max and std
+  are over the window-averaged residue states (held on the CPU until the last window).
 - A sequence (or window) that alone needs more than `toks_per_batch` tokens is an
   `InputError` before any model work: the budget is never exceeded silently.
 - CUDA out of memory: the batch is halved and retried down to one sequence; a sequence
@@ -50,9 +53,9 @@ from esm2_batch.embedding.batching import (
     plan_windows,
     window_coverage,
 )
-from esm2_batch.embedding.options import EmbedOptions, LongSeqs, Pooling
+from esm2_batch.embedding.options import EmbedOptions, LongSeqs, Pooler, Pooling, matrix_name
 from esm2_batch.errors import EmbeddingError, InputError
-from esm2_batch.models import LoadedModel, representations
+from esm2_batch.models import LoadedModel, layer_states, representations
 
 SequenceInput = str | tuple[str, str]
 """A bare sequence (named by its index) or a (name, sequence) pair."""
@@ -63,16 +66,28 @@ RESIDUES = frozenset("ACDEFGHIKLMNPQRSTVWYXBUZO")
 
 @dataclass(frozen=True, slots=True)
 class Embedded:
-    """One input's outcome: its row (float32, CPU) or the error that stopped it."""
+    """One input's outcome: its row (float32, CPU) or the error that stopped it.
+
+    `row` is the first (pooler, layer) of `EmbedOptions.matrices`; `rows` holds every one
+    of them in that order (``rows[0] is row``), empty on failure."""
 
     index: int
     name: str
     row: torch.Tensor | None
     error: EmbeddingError | None = None
+    rows: tuple[torch.Tensor, ...] = ()
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def packed(self) -> torch.Tensor | None:
+        """Every pooled vector of the row side by side, [n_matrices * dim] (the layout the
+        run's stores keep); `row` itself when there is one matrix."""
+        if self.row is None or len(self.rows) <= 1:
+            return self.row
+        return torch.cat(self.rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,24 +125,34 @@ def embed_sequences(
     long_seqs: LongSeqs = "truncate",
     pooling: Pooling = "mean",
     repr_layer: int = -1,
-) -> torch.Tensor | list[torch.Tensor]:
+    repr_layers: Sequence[int] = (),
+    include: Sequence[Pooler] = (),
+) -> torch.Tensor | list[torch.Tensor] | dict[str, torch.Tensor]:
     """Embed `sequences` and return their rows in input order (see the module docstring).
 
+    With several `repr_layers` or `include` poolers, a dict of [n, dim] matrices named by
+    `options.matrix_name` ("mean_layer33", "max_layer20", ...), in `EmbedOptions.matrices`
+    order; otherwise the one matrix (or, for "per_residue", the list) as before.
     Raises `InputError` before any model work for bad letters or options, and one
     `EmbeddingError` naming every sequence that failed after all others have run.
     """
-    results = list(iter_embeddings(
-        model, sequences, toks_per_batch=toks_per_batch, batch_size=batch_size,
-        truncation=truncation, long_seqs=long_seqs, pooling=pooling, repr_layer=repr_layer,
-    ))
+    options = EmbedOptions(toks_per_batch=toks_per_batch, batch_size=batch_size,
+                           truncation=truncation, long_seqs=long_seqs, repr_layer=repr_layer,
+                           pooling=pooling, repr_layers=tuple(repr_layers),
+                           include=tuple(include))
+    results = list(embed_rows(model, sequences, options))
     _raise_failures([r.error for r in results if r.error is not None])
-    rows: list[torch.Tensor] = [torch.empty(0)] * len(results)
+    matrices = options.matrices(name=model.name, num_layers=model.num_layers)
+    columns: list[list[torch.Tensor]] = [[torch.empty(0)] * len(results) for _ in matrices]
     for result in results:
-        assert result.row is not None
-        rows[result.index] = result.row
-    if pooling == "per_residue":
-        return rows
-    return torch.stack(rows) if rows else torch.empty(0, model.embed_dim)
+        for column, row in zip(columns, result.rows, strict=True):
+            column[result.index] = row
+    if pooling == "per_residue" and not include:
+        return columns[0]
+    stacked = [torch.stack(c) if c else torch.empty(0, model.embed_dim) for c in columns]
+    if len(matrices) == 1:
+        return stacked[0]
+    return {matrix_name(m): rows for m, rows in zip(matrices, stacked, strict=True)}
 
 
 def iter_embeddings(
@@ -140,25 +165,30 @@ def iter_embeddings(
     long_seqs: LongSeqs = "truncate",
     pooling: Pooling = "mean",
     repr_layer: int = -1,
+    repr_layers: Sequence[int] = (),
+    include: Sequence[Pooler] = (),
 ) -> Iterator[Embedded]:
     """Validate and plan now, then yield an `Embedded` per input as its batch finishes.
 
     Validation is eager (an `InputError` is raised by this call, not by the first
-    ``next``); every input is yielded exactly once, in completion order.
+    ``next``); every input is yielded exactly once, in completion order. With several
+    layers or poolers each record's `rows` holds them all (`EmbedOptions.matrices` order).
     """
     options = EmbedOptions(toks_per_batch=toks_per_batch, batch_size=batch_size,
                            truncation=truncation, long_seqs=long_seqs, repr_layer=repr_layer,
-                           pooling=pooling)
+                           pooling=pooling, repr_layers=tuple(repr_layers),
+                           include=tuple(include))
     return embed_rows(model, sequences, options)
 
 
 def embed_rows(model: LoadedModel, sequences: Sequence[SequenceInput],
                options: EmbedOptions) -> Iterator[Embedded]:
     """`iter_embeddings` with its options as one object (what the run's stages pass)."""
-    layer = options.check(name=model.name, num_layers=model.num_layers,
-                          max_residues=model.max_residues)
+    options.check(name=model.name, num_layers=model.num_layers,
+                  max_residues=model.max_residues)
+    layers = options.layer_indices(name=model.name, num_layers=model.num_layers)
     job = _plan(model, sequences, options)
-    return _run(model, job, options, layer)
+    return _run(model, job, options, layers)
 
 
 def clean_sequence(sequence: str, *, name: str) -> str:
@@ -210,7 +240,7 @@ def _plan(model: LoadedModel, sequences: Sequence[SequenceInput], options: Embed
         if item == len(owners):
             owners.append([])
         owners[item].append(index)
-    windows = [_ranges(len(seq), options) for seq in unique]
+    windows = [_ranges(len(seq), options, model.max_residues) for seq in unique]
     pieces = [_Piece(item, start, end)
               for item, ranges in enumerate(windows) for start, end in ranges]
     plan = plan_batches([p.length for p in pieces], toks_per_batch=options.toks_per_batch,
@@ -224,10 +254,11 @@ def _plan(model: LoadedModel, sequences: Sequence[SequenceInput], options: Embed
                 batches=plan.batches)
 
 
-def _ranges(length: int, options: EmbedOptions) -> tuple[tuple[int, int], ...]:
-    """The residue ranges one sequence is embedded from, per the long-sequence policy."""
+def _ranges(length: int, options: EmbedOptions, context: int) -> tuple[tuple[int, int], ...]:
+    """The residue ranges one sequence is embedded from, per the long-sequence policy;
+    windows never exceed the model's own `context` (its max_residues)."""
     if options.long_seqs == "window":
-        return plan_windows(length, window=min(options.truncation, MAX_RESIDUES))
+        return plan_windows(length, window=min(options.truncation, context))
     return ((0, min(length, options.truncation)),)
 
 
@@ -259,13 +290,13 @@ def _encode(sequence: str, table: torch.Tensor) -> torch.Tensor:
     return table[codes.long()]
 
 
-def _run(model: LoadedModel, job: _Job, options: EmbedOptions, layer: int
+def _run(model: LoadedModel, job: _Job, options: EmbedOptions, layers: tuple[int, ...]
          ) -> Iterator[Embedded]:
     """Run the planned batches and yield every input once its sequence is complete."""
-    pools = [_Pool(windows, options) for windows in job.windows]
+    pools = [_Pool(windows, options, len(layers)) for windows in job.windows]
     for batch in job.batches:
         pieces = [job.pieces[i] for i in batch]
-        for piece, states in _forward_split(model, job, pieces, layer):
+        for piece, states in _forward_split(model, job, pieces, layers):
             pool = pools[piece.item]
             pool.add(piece, states)
             if pool.pending == 0:
@@ -273,26 +304,32 @@ def _run(model: LoadedModel, job: _Job, options: EmbedOptions, layer: int
 
 
 def _forward_split(
-    model: LoadedModel, job: _Job, pieces: list[_Piece], layer: int
+    model: LoadedModel, job: _Job, pieces: list[_Piece], layers: tuple[int, ...]
 ) -> Iterator[tuple[_Piece, torch.Tensor | None]]:
-    """Each piece with its (T, E) states; on CUDA OOM halve and retry, None when alone."""
-    states = _forward_or_none(model, _batch_tokens(model, job, pieces), layer)
+    """Each piece with its (n_layers, T, E) states; on CUDA OOM halve and retry, None when
+    alone."""
+    states = _forward_or_none(model, _batch_tokens(model, job, pieces), layers)
     if states is not None:
         for row, piece in enumerate(pieces):
-            yield piece, states[row]
+            yield piece, states[:, row]
     elif len(pieces) == 1:
         yield pieces[0], None
     else:
         half = len(pieces) // 2
-        yield from _forward_split(model, job, pieces[:half], layer)
-        yield from _forward_split(model, job, pieces[half:], layer)
+        yield from _forward_split(model, job, pieces[:half], layers)
+        yield from _forward_split(model, job, pieces[half:], layers)
 
 
-def _forward_or_none(model: LoadedModel, tokens: torch.Tensor, layer: int) -> torch.Tensor | None:
-    """The batch's (B, T, E) states, or None when CUDA ran out of memory."""
+def _forward_or_none(model: LoadedModel, tokens: torch.Tensor, layers: tuple[int, ...]
+                     ) -> torch.Tensor | None:
+    """The batch's (n_layers, B, T, E) states from one forward, or None when CUDA ran out
+    of memory. One layer goes through `representations` (no copy of the states)."""
     try:
         with torch.inference_mode():
-            return representations(model, tokens.to(model.device), layer=layer)
+            tokens = tokens.to(model.device)
+            if len(layers) == 1:
+                return representations(model, tokens, layer=layers[0]).unsqueeze(0)
+            return layer_states(model, tokens, layers=layers)
     except torch.cuda.OutOfMemoryError:
         pass  # retried outside the handler, so the traceback's tensors are freed first
     if torch.cuda.is_available():
@@ -312,19 +349,28 @@ def _batch_tokens(model: LoadedModel, job: _Job, pieces: list[_Piece]) -> torch.
     return tokens
 
 
+RESIDUE_POOLERS = frozenset({"per_residue", "max", "std"})
+"""Poolers that need every residue's state (in window mode: held until the last window)."""
+
+
 @dataclass(slots=True)
 class _Pool:
-    """One unique sequence's pooled value, summed over its pieces as they finish.
+    """One unique sequence's pooled values, per layer and pooler, folded in piece by piece.
 
-    With several windows, each residue's state is divided by the number of windows covering
-    it, so the sum over windows is the per-residue average; a mean then divides by length.
+    One piece: each pooler reads that piece's residues directly (esm-extract's
+    t[i, 1:n+1]). Several windows: each residue's state is divided by the number of
+    windows covering it, so summing over windows gives the per-residue average; mean is
+    that sum over residues divided by the length (folded in as each window finishes), bos
+    the mean of the windows' BOS states, and max/std/per_residue read the averaged
+    [L, E] states, held on the CPU until the last window is in.
     """
 
     windows: tuple[tuple[int, int], ...]
     options: EmbedOptions
+    layers: int  # how many layers each piece brings
     length: int = field(init=False)  # residues kept (truncation applied)
     pending: int = field(init=False)  # pieces not yet folded in
-    total: torch.Tensor | None = None
+    totals: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     out_of_memory: bool = False
     coverage: torch.Tensor | None = None  # (L, 1) windows per residue; None for one piece
 
@@ -336,57 +382,85 @@ class _Pool:
             self.coverage = torch.tensor(counts, dtype=torch.float32)[:, None]  # (L, 1)
 
     def add(self, piece: _Piece, states: torch.Tensor | None) -> None:
-        """Fold in one piece's (T, E) states; None means it ran out of memory alone."""
+        """Fold in one piece's (n_layers, T, E) states; None: it ran out of memory alone."""
         self.pending -= 1
         if states is None:
             self.out_of_memory = True
         elif not self.out_of_memory:
-            part = self._part(piece, states)
-            if self.options.pooling == "per_residue" and self.coverage is not None:
-                if self.total is None:
-                    self.total = torch.zeros(self.length, part.shape[-1])
-                self.total[piece.start : piece.end] += part.cpu()
-            else:
-                self.total = part if self.total is None else self.total + part
+            for k in range(self.layers):
+                self._add_layer(k, piece, states[k])
 
-    def _part(self, piece: _Piece, states: torch.Tensor) -> torch.Tensor:
-        """This piece's share: BOS state, residue states or their (weighted) mean."""
+    def _add_layer(self, k: int, piece: _Piece, states: torch.Tensor) -> None:
         residues = states[1 : piece.length + 1].float()  # (n, E): no BOS, EOS or padding
-        pooling = self.options.pooling
-        if pooling == "bos":
-            return states[0].float() / len(self.windows)
-        if self.coverage is None:  # one piece: exactly esm-extract's t[i, 1:n+1]
-            return residues.to("cpu", copy=True) if pooling == "per_residue" else residues.mean(0)
+        if self.coverage is None:  # one piece: every pooler reads it directly
+            for pooler in self.options.poolers:
+                self.totals[pooler, k] = _pool_residues(pooler, residues, states[0])
+            return
         weighted = residues / self.coverage[piece.start : piece.end].to(residues.device)
-        return weighted if pooling == "per_residue" else weighted.sum(0) / self.length
+        if "mean" in self.options.poolers:
+            self._fold(("mean", k), weighted.sum(0) / self.length)
+        if "bos" in self.options.poolers:
+            self._fold(("bos", k), states[0].float() / len(self.windows))
+        if RESIDUE_POOLERS.intersection(self.options.poolers):
+            if ("residues", k) not in self.totals:
+                self.totals["residues", k] = torch.zeros(self.length, weighted.shape[-1])
+            self.totals["residues", k][piece.start : piece.end] += weighted.cpu()
 
-    def result(self) -> torch.Tensor:
-        assert self.total is not None
-        return self.total.cpu()
+    def _fold(self, key: tuple[str, int], part: torch.Tensor) -> None:
+        self.totals[key] = part if key not in self.totals else self.totals[key] + part
+
+    def result(self) -> tuple[torch.Tensor, ...]:
+        """Every (layer, pooler) vector on the CPU, in `EmbedOptions.matrices` order."""
+        rows = []
+        for k in range(self.layers):
+            for pooler in self.options.poolers:
+                if self.coverage is not None and pooler in RESIDUE_POOLERS:
+                    rows.append(_pool_residues(pooler, self.totals["residues", k], None))
+                else:
+                    rows.append(self.totals[pooler, k])
+        return tuple(row.cpu() for row in rows)
+
+
+def _pool_residues(pooler: str, residues: torch.Tensor, bos: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """One pooler over (n, E) float32 residue states (`bos`: the BOS state, one piece)."""
+    if pooler == "bos":
+        assert bos is not None
+        return bos.float()
+    if pooler == "per_residue":
+        return residues.to("cpu", copy=True)
+    if pooler == "max":
+        return residues.amax(0)
+    if pooler == "std":
+        return residues.std(0, correction=0)
+    return residues.mean(0)
 
 
 def _finish(model: LoadedModel, job: _Job, item: int, pool: _Pool) -> Iterator[Embedded]:
-    """Check the finished row once and yield it (or its error) for every input carrying it."""
-    row = None if pool.out_of_memory else pool.result()
-    problem = _problem(model, row, pool)
+    """Check the finished rows once and yield them (or the error) for every input carrying
+    the sequence."""
+    rows = () if pool.out_of_memory else pool.result()
+    problem = _problem(model, rows, pool)
     for index in job.owners[item]:
         name = job.names[index]
         error = EmbeddingError(f"sequence {name!r}: {problem}", name=name) if problem else None
-        yield Embedded(index=index, name=name, row=None if problem else row, error=error)
+        yield Embedded(index=index, name=name, row=None if problem else rows[0], error=error,
+                       rows=() if problem else rows)
 
 
-def _problem(model: LoadedModel, row: torch.Tensor | None, pool: _Pool) -> str:
+def _problem(model: LoadedModel, rows: tuple[torch.Tensor, ...], pool: _Pool) -> str:
     """Why a row cannot be used, or "" when it is fine."""
-    if row is None:
+    if not rows:
         return (f"out of memory on {model.device} even alone ({pool.length} residues); "
                 f"lower truncation, use long_seqs='window' or a larger device")
-    per_residue = pool.options.pooling == "per_residue"
+    per_residue = pool.options.poolers == ("per_residue",)
     expected = (pool.length, model.embed_dim) if per_residue else (model.embed_dim,)
-    if tuple(row.shape) != expected:
-        return f"embedding has shape {tuple(row.shape)}, expected {expected}"
-    if not bool(torch.isfinite(row).all()):
-        return (f"embedding has non-finite values (NaN or Inf) in {model.dtype}; "
-                f"try dtype float32")
+    for row in rows:
+        if tuple(row.shape) != expected:
+            return f"embedding has shape {tuple(row.shape)}, expected {expected}"
+        if not bool(torch.isfinite(row).all()):
+            return (f"embedding has non-finite values (NaN or Inf) in {model.dtype}; "
+                    f"try dtype float32")
     return ""
 
 

@@ -14,11 +14,20 @@ from typing import Literal, get_args
 from esm2_batch.embedding.batching import MAX_RESIDUES, SPECIAL_TOKENS
 from esm2_batch.errors import InputError
 
-__all__ = ["EmbedOptions", "LongSeqs", "Pooling"]
+__all__ = ["POOLERS", "EmbedOptions", "LongSeqs", "Matrix", "Pooler", "Pooling", "matrix_name"]
 
 Pooling = Literal["mean", "per_residue", "bos"]
 """What a row is: the mean over residues (no BOS/EOS/padding), every residue's state
 [L, dim], or the BOS (<cls>) state."""
+Pooler = Literal["mean", "bos", "max", "std"]
+"""One pooled vector per protein (``include``, esm-extract's ``--include`` names where it
+has them): the mean, the BOS state, the per-channel max or the per-channel standard
+deviation (population: correction 0, so one residue gives zeros) over the residues only
+(no BOS, EOS or padding). Window mode: max and std are taken over each residue's state
+averaged over the windows covering it, so a residue counts once."""
+POOLERS: tuple[str, ...] = get_args(Pooler)
+Matrix = tuple[str, int]
+"""(pooler, absolute layer): one pooled matrix of a run."""
 LongSeqs = Literal["truncate", "window"]
 """Proteins longer than `truncation`: keep the first residues (esm-extract), or average
 overlapping windows over the whole protein."""
@@ -35,6 +44,15 @@ class EmbedOptions:
     repr_layer: the layer whose states are pooled; negative counts from the end
         (-1: the last, after the final LayerNorm; 0: the embeddings).
     pooling: "mean", "per_residue" or "bos" (see `Pooling`).
+    repr_layers: several layers at once (esm-extract's ``--repr_layers``), from one
+        forward per batch; empty means ``(repr_layer,)``. When given, `repr_layer` must be
+        left at -1 or equal its first entry.
+    include: several poolers at once (see `Pooler`); empty means ``(pooling,)``. When
+        given, `pooling` must be left at "mean" or equal its first entry.
+
+    A row is then one vector per (layer, pooler) pair, in the order of `matrices`: layer
+    by layer, each layer's poolers in `include` order; the first is the one-layer,
+    one-pooler row (what `Embedded.row` holds and esm_all.pt's ``emb`` stores).
     """
 
     toks_per_batch: int = 4096
@@ -43,6 +61,20 @@ class EmbedOptions:
     long_seqs: LongSeqs = "truncate"
     repr_layer: int = -1
     pooling: Pooling = "mean"
+    repr_layers: tuple[int, ...] = ()
+    include: tuple[Pooler, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Lists from Python callers become tuples, so the object stays hashable."""
+        for name in ("repr_layers", "include"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+
+    @property
+    def poolers(self) -> tuple[str, ...]:
+        """The poolers of every row, first the one `Embedded.row` holds."""
+        return tuple(self.include) or (self.pooling,)
 
     def check(self, *, name: str, num_layers: int, max_residues: int) -> int:
         """Validate every field for a model with `num_layers` and a context of
@@ -52,6 +84,7 @@ class EmbedOptions:
             raise InputError(f"truncation {self.truncation} exceeds {name}'s context of "
                              f"{max_residues} residues; lower it, or use long_seqs='window' "
                              "to cover long proteins whole")
+        self.layer_indices(name=name, num_layers=num_layers)
         return self.layer_index(name=name, num_layers=num_layers)
 
     def check_values(self) -> None:
@@ -72,14 +105,54 @@ class EmbedOptions:
                              f"{self.long_seqs!r}")
         if not _int(self.repr_layer):
             raise InputError(f"repr_layer must be an integer, not {self.repr_layer!r}")
+        self._check_lists()
+
+    def _check_lists(self) -> None:
+        """repr_layers and include: right types, no repeats, no clash with the one-value
+        fields (one question, one answer)."""
+        layers, include = self.repr_layers, self.include
+        if not isinstance(layers, tuple) or not all(_int(v) for v in layers):
+            raise InputError(f"repr_layers must be a tuple of integers, not {layers!r}")
+        if not isinstance(include, tuple) or not all(isinstance(p, str) for p in include):
+            raise InputError(f"include must be a tuple of pooler names, not {include!r}")
+        unknown = [p for p in include if p not in POOLERS]
+        if unknown:
+            raise InputError(f"unknown pooler {unknown[0]!r} in include: use "
+                             f"{', '.join(POOLERS)}")
+        if len(set(include)) < len(include):
+            raise InputError(f"include names a pooler twice: {' '.join(include)}")
+        if layers and self.repr_layer not in (-1, layers[0]):
+            raise InputError(f"repr_layer {self.repr_layer} and repr_layers {list(layers)} "
+                             "disagree: give one of them")
+        if include and self.pooling not in ("mean", include[0]):
+            raise InputError(f"pooling {self.pooling!r} and include {list(include)} "
+                             "disagree: give one of them")
 
     def layer_index(self, *, name: str, num_layers: int) -> int:
-        """`repr_layer` as an absolute index in [0, num_layers]."""
-        layer = self.repr_layer
-        if not _int(layer) or not -(num_layers + 1) <= layer <= num_layers:
-            raise InputError(f"repr_layer must be in [{-(num_layers + 1)}, {num_layers}] for "
-                             f"{name}, not {layer!r}")
-        return layer % (num_layers + 1)
+        """The first layer (`repr_layers[0]`, else `repr_layer`) as an index in
+        [0, num_layers]: the layer of `Embedded.row`."""
+        return self.layer_indices(name=name, num_layers=num_layers)[0]
+
+    def layer_indices(self, *, name: str, num_layers: int) -> tuple[int, ...]:
+        """`repr_layers` (or `repr_layer`) as absolute indices; a layer beyond the model's
+        depth or one named twice (20 and -14 of a 33-layer model) is an InputError."""
+        given = self.repr_layers or (self.repr_layer,)
+        found: list[int] = []
+        for layer in given:
+            if not _int(layer) or not -(num_layers + 1) <= layer <= num_layers:
+                raise InputError(f"layer {layer!r} is beyond {name}'s depth: use -"
+                                 f"{num_layers + 1}..{num_layers} (negative counts from the "
+                                 "end, -1 is the last)")
+            index = layer % (num_layers + 1)
+            if index in found:
+                raise InputError(f"repr_layers names layer {index} twice ({list(given)})")
+            found.append(index)
+        return tuple(found)
+
+    def matrices(self, *, name: str, num_layers: int) -> tuple[Matrix, ...]:
+        """Every (pooler, absolute layer) a row holds, in row order (see the class)."""
+        layers = self.layer_indices(name=name, num_layers=num_layers)
+        return tuple((pooler, layer) for layer in layers for pooler in self.poolers)
 
     def kept(self, length: int) -> int:
         """Residues of a `length`-residue protein that are embedded."""
@@ -88,6 +161,12 @@ class EmbedOptions:
     def tokens(self, length: int) -> int:
         """Tokens a protein costs, BOS and EOS included (padding excluded)."""
         return self.kept(length) + SPECIAL_TOKENS
+
+
+def matrix_name(matrix: Matrix) -> str:
+    """"max_layer20": how files and dicts name one (pooler, layer) matrix."""
+    pooler, layer = matrix
+    return f"{pooler}_layer{layer}"
 
 
 def _int(value: object) -> bool:

@@ -2,6 +2,7 @@
 
     load_model(model, device=, dtype=, engine=, backend=)  ->  LoadedModel
     representations(loaded, tokens (B, T), layer=L)        ->  (B, T, E), zeros at padding
+    layer_states(loaded, tokens (B, T), layers=(L1, L2))   ->  (2, B, T, E): one forward
 
 Every variant is an `Encoder`, so callers never ask which one runs:
 
@@ -10,9 +11,13 @@ Every variant is an `Encoder`, so callers never ask which one runs:
   engines: "fast" (default, esm2_fast.py: fused QKV, SDPA, stops at the requested layer;
   matches fair-esm to ~1e-6 in fp32) or "reference" (fair-esm's ``ESM2.forward``
   unchanged, what the fast engine is tested against);
-- ESM2 in the Hugging Face layout (backend "hf"): its weights renamed into fair-esm's
-  layout (hf_esm2.py), then exactly the same two engines;
-- ESM C (backend "esmc"): its own module (esmc.py).
+- ESM2 in the Hugging Face layout (backend "hf"; "fastesm" for Synthyra's FastESM2
+  folders, which "hf" loads too): its weights renamed into fair-esm's layout
+  (hf_esm2.py), then exactly the same two engines, with the model's own context
+  (`LoadedModel.max_residues`: 2,046 for FastESM2_650);
+- ESM C (backend "esmc"): its own module (esmc.py);
+- ESM3, sequence track only (backend "esm3"): its own module (esm3.py), ESM C's blocks
+  fed by ESM3's track embeddings.
 
 The checkpoint readers (weights_only loading, safetensors, shards, the local HF cache,
 the download of published ESM2 files) are in weights.py; rotary tables, shared by every
@@ -34,10 +39,18 @@ from torch import nn
 
 from esm2_batch.errors import ModelError, first_line
 from esm2_batch.models.esm2_fast import FastEncoder, FastESM2
+from esm2_batch.models.esm3 import ESM3Encoder, is_esm3_source, load_esm3
 from esm2_batch.models.esmc import ESMCEncoder, load_esmc
 from esm2_batch.models.esmc_weights import is_esmc_source
 from esm2_batch.models.fair_esm import ReferenceEncoder, build_module, prepare
-from esm2_batch.models.hf_esm2 import hf_model_name, is_hf_esm2_dir, read_hf_esm2
+from esm2_batch.models.hf_esm2 import (
+    FASTESM_MODEL_TYPE,
+    hf_max_residues,
+    hf_model_name,
+    hf_model_type,
+    is_hf_esm2_dir,
+    read_hf_esm2,
+)
 from esm2_batch.models.weights import (
     find_in_hf_cache,
     hub_checkpoint,
@@ -48,6 +61,7 @@ from esm2_batch.models.weights import (
 
 __all__ = [
     "BACKENDS",
+    "BACKEND_ALIASES",
     "DTYPES",
     "ENGINES",
     "ESM2_MODELS",
@@ -58,6 +72,7 @@ __all__ = [
     "ModelSpec",
     "detect_backend",
     "esm2_from_module",
+    "layer_states",
     "load_model",
     "representations",
     "resolve_dtype",
@@ -67,10 +82,14 @@ __all__ = [
 Engine = Literal["fast", "reference"]
 """Which forward runs an ESM2: `esm2_fast.FastESM2` or fair-esm's own ESM2.forward."""
 ENGINES: tuple[str, ...] = get_args(Engine)
-Backend = Literal["fair-esm", "hf", "esmc"]
+Backend = Literal["fair-esm", "hf", "esmc", "esm3"]
 """Where the weights come from: fair-esm's .pt, ESM2 in the Hugging Face layout (renamed
-into fair-esm's, so both engines run it), or ESM C (its own module, esmc.py)."""
+into fair-esm's, so both engines run it), ESM C (its own module, esmc.py), or ESM3's
+sequence track (esm3.py)."""
 BACKENDS: tuple[str, ...] = get_args(Backend)
+BACKEND_ALIASES: dict[str, Backend] = {"fastesm": "hf"}
+"""Other names `load_model` takes for a backend: "fastesm" is "hf" restricted to FastESM
+folders (config model_type "fast_esm")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +153,11 @@ class Encoder(Protocol):
 
     def __call__(self, tokens: torch.Tensor, *, layer: int) -> torch.Tensor: ...
 
+    def states(self, tokens: torch.Tensor, *, layers: tuple[int, ...]) -> torch.Tensor:
+        """(n, B, T, E): the states after each of `layers` (absolute, 0..num_layers), from
+        one forward that stops at the deepest; ``states(t, layers=(L,))[0]`` equals
+        ``self(t, layer=L)``."""
+
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
@@ -154,6 +178,10 @@ class LoadedModel:
     fast: FastESM2 | None = None
     fingerprint: str = ""
     """`weights.weights_fingerprint` of the weights as loaded: what rows are keyed by."""
+    context: int | None = None
+    """Residues of the checkpoint's own training context when it differs from what the
+    encoder's architecture implies (FastESM2: ESM2's modules, 2,046 residues); None: the
+    encoder's `max_residues`."""
 
     def __post_init__(self) -> None:
         if (self.engine == "fast") != (self.fast is not None):
@@ -181,15 +209,22 @@ class LoadedModel:
 
     @property
     def max_residues(self) -> int:
-        """Residues that fit the training context next to BOS and EOS: 1022 for ESM2,
-        2046 for ESM C."""
-        return self.encoder.max_residues
+        """Residues that fit the model's training context next to BOS and EOS: 1022 for
+        ESM2, 2046 for FastESM2_650 and ESM C. Truncation and windows are sized by it."""
+        return self.context if self.context is not None else self.encoder.max_residues
 
 
 def representations(model: LoadedModel, tokens: torch.Tensor, *, layer: int) -> torch.Tensor:
     """(B, T) tokens on the model's device -> (B, T, E) states after `layer` (0 =
     embeddings): the model's own at real positions, zeros at padded ones (see `Encoder`)."""
     return model.encoder(tokens, layer=layer)
+
+
+def layer_states(model: LoadedModel, tokens: torch.Tensor, *, layers: tuple[int, ...]
+                 ) -> torch.Tensor:
+    """(B, T) tokens -> (n, B, T, E) states after each of `layers` (absolute indices), from
+    one forward: what several ``--repr_layers`` cost."""
+    return model.encoder.states(tokens, layers=layers)
 
 
 def load_model(
@@ -217,7 +252,8 @@ def load_model(
     chosen = detect_backend(model) if backend == "auto" else backend
     loader = _LOADERS.get(chosen)
     if loader is None:
-        raise ModelError(f"unknown backend {backend!r}: use one of auto, {', '.join(BACKENDS)}")
+        names = ", ".join((*BACKENDS, *BACKEND_ALIASES))
+        raise ModelError(f"unknown backend {backend!r}: use one of auto, {names}")
     return loader(model, target, precision, engine)
 
 
@@ -242,9 +278,11 @@ def esm2_from_module(
 
 
 def detect_backend(model: str | os.PathLike[str]) -> Backend:
-    """fair-esm, hf or esmc, from what `model` names: a size or fair-esm name, a .pt in
-    fair-esm's layout, an HF folder (config.json + weights) or hub id in the local HF
-    cache, or an ESM C checkpoint (.pth, .safetensors or folder)."""
+    """fair-esm, hf, esmc or esm3, from what `model` names: a size or fair-esm name, a .pt
+    in fair-esm's layout, an HF folder (config.json + weights) or hub id in the local HF
+    cache, an ESM C checkpoint (.pth, .safetensors or folder), or ESM3's original weights
+    (.pth or the esm3-sm-open-v1 folder; checked before ESM C, whose original folders
+    look alike)."""
     text = str(model)
     if isinstance(model, str) and _registry_entry(model) is not None:
         return "fair-esm"
@@ -252,6 +290,8 @@ def detect_backend(model: str | os.PathLike[str]) -> Backend:
     if path.is_dir():
         if is_hf_esm2_dir(path):
             return "hf"
+        if is_esm3_source(path):
+            return "esm3"
         if is_esmc_source(path):
             return "esmc"
         raise ModelError(f"{path}: neither an ESM2 folder in the Hugging Face layout nor "
@@ -259,6 +299,8 @@ def detect_backend(model: str | os.PathLike[str]) -> Backend:
     if path.is_file():
         if path.suffix == ".pt":  # fair-esm's files; ESM C's originals are .pth
             return "fair-esm"
+        if is_esm3_source(path):
+            return "esm3"
         if is_esmc_source(path):
             return "esmc"
         return "hf" if is_hf_esm2_dir(path.parent) else "fair-esm"
@@ -267,6 +309,8 @@ def detect_backend(model: str | os.PathLike[str]) -> Backend:
             folder = find_in_hf_cache(text)
         except ModelError:
             return "hf"  # read_hf_esm2 raises the one-line not-in-cache error
+        if is_esm3_source(folder):
+            return "esm3"
         return "esmc" if is_esmc_source(folder) else "hf"
     return "fair-esm"
 
@@ -315,22 +359,38 @@ def _load_fair_esm(model: str | os.PathLike[str], device: torch.device,
 
 def _load_hf(model: str | os.PathLike[str], device: torch.device,
              dtype: torch.dtype, engine: Engine) -> LoadedModel:
-    """ESM2 in the Hugging Face layout, renamed into fair-esm's and built by fair-esm."""
+    """ESM2 in the Hugging Face layout (transformers' or FastESM's), renamed into fair-esm's
+    and built by fair-esm, with the context of its model type."""
     name = hf_model_name(model)
     module, alphabet = build_module(name, read_hf_esm2(model), Path(model))
-    return _esm2(name, module, alphabet, device, dtype, engine, "hf")
+    return _esm2(name, module, alphabet, device, dtype, engine, "hf",
+                 context=hf_max_residues(model))
+
+
+def _load_fastesm(model: str | os.PathLike[str], device: torch.device,
+                  dtype: torch.dtype, engine: Engine) -> LoadedModel:
+    """backend "fastesm": the hf loader, for FastESM folders only."""
+    found = hf_model_type(model)
+    if found != FASTESM_MODEL_TYPE:
+        raise ModelError(f"{model}: not a FastESM model (config model_type is {found!r}, "
+                         f"expected {FASTESM_MODEL_TYPE!r}); use --backend hf")
+    return _load_hf(model, device, dtype, engine)
 
 
 def _esm2(name: str, module: ESM2, alphabet: esm.data.Alphabet, device: torch.device,
-          dtype: torch.dtype, engine: Engine, backend: Backend) -> LoadedModel:
-    """A fair-esm ESM2 prepared for inference, behind the encoder `engine` names."""
+          dtype: torch.dtype, engine: Engine, backend: Backend, *,
+          context: int | None = None) -> LoadedModel:
+    """A fair-esm ESM2 prepared for inference, behind the encoder `engine` names; `context`
+    overrides ESM2's 1,022 residues when the checkpoint was trained longer."""
     fingerprint = weights_fingerprint(module)
     module = prepare(module, device, dtype)
     fast = FastESM2.from_fair_esm(module) if engine == "fast" else None
     encoder: Encoder = (ReferenceEncoder(module, name, device, dtype) if fast is None
                         else FastEncoder(fast, name, device, dtype))
+    if context == encoder.max_residues:
+        context = None
     return LoadedModel(encoder=encoder, module=module, alphabet=alphabet, engine=engine,
-                       backend=backend, fast=fast, fingerprint=fingerprint)
+                       backend=backend, fast=fast, fingerprint=fingerprint, context=context)
 
 
 def _load_esmc(model: str | os.PathLike[str], device: torch.device,
@@ -347,9 +407,24 @@ def _load_esmc(model: str | os.PathLike[str], device: torch.device,
         backend="esmc", fingerprint=fingerprint)
 
 
+def _load_esm3(model: str | os.PathLike[str], device: torch.device,
+               dtype: torch.dtype, engine: Engine) -> LoadedModel:
+    """ESM3's sequence track runs its own module with one forward, whatever `engine` asks;
+    it shares ESM2's token ids, so ESM2's alphabet tokenizes for it."""
+    loaded = load_esm3(model)
+    fingerprint = weights_fingerprint(loaded)
+    module = loaded.to(device=device, dtype=dtype)
+    name = Path(str(model)).name.split(".")[0] or str(model)
+    return LoadedModel(
+        encoder=ESM3Encoder(module, name, device, dtype), module=module,
+        alphabet=esm.data.Alphabet.from_architecture("ESM-1b"), engine="reference",
+        backend="esm3", fingerprint=fingerprint)
+
+
 _Loader = Callable[[str | os.PathLike[str], torch.device, torch.dtype, Engine], LoadedModel]
-_LOADERS: dict[str, _Loader] = {"fair-esm": _load_fair_esm, "hf": _load_hf, "esmc": _load_esmc}
-"""The loader of each `Backend`."""
+_LOADERS: dict[str, _Loader] = {"fair-esm": _load_fair_esm, "hf": _load_hf, "esmc": _load_esmc,
+                                 "esm3": _load_esm3, "fastesm": _load_fastesm}
+"""The loader of each `Backend` and `BACKEND_ALIASES` name."""
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

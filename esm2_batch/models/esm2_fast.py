@@ -43,6 +43,7 @@ H heads, D head dim (E / H), F feed-forward dim (4E).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -208,6 +209,37 @@ class FastESM2(nn.Module):
         x = self.ln_after(x) if layer == c.num_layers else x
         return x.masked_fill_(padding.unsqueeze(-1), 0.0) if skip_padding else x
 
+    @torch.inference_mode()
+    def forward_layers(
+        self, tokens: torch.Tensor, layers: tuple[int, ...], *, skip_padding: bool = False
+    ) -> torch.Tensor:
+        """(n, B, T, E) states after each of `layers`, from one pass that stops at the
+        deepest: each requested depth is copied out as the chunk passes it, so several
+        layers cost one forward plus n copies (one layer: use `forward`, no copy).
+
+        Positions `forward` would not compute (with `skip_padding`) are zeros."""
+        c = self.config
+        for layer in layers:
+            if not 0 <= layer <= c.num_layers:
+                raise ValueError(f"layer must be in 0..{c.num_layers}, not {layer}")
+        padding = tokens.eq(c.padding_idx)  # (B, T)
+        x = self.embed(tokens, padding)  # (B, T, E)
+        out = x.new_zeros((len(layers), *x.shape))  # (n, B, T, E)
+        for k in (k for k, layer in enumerate(layers) if layer == 0):
+            out[k] = x
+        top = max(layers)
+        rotary = rotary_table(self.inv_freq[:top], tokens.shape[1])  # (l, T, D/2) complex64
+        for rows, width in self.chunks(padding, trim=skip_padding):
+            def tap(depth: int, work: torch.Tensor, rows: slice = rows, width: int = width
+                    ) -> None:
+                for k in (k for k, layer in enumerate(layers) if layer == depth):
+                    out[k, rows, :width] = work
+            self._run_chunk(x[rows, :width], padding[rows, :width], rotary[:, :width], top,
+                            tap=tap)
+        for k in (k for k, layer in enumerate(layers) if layer == c.num_layers):
+            out[k] = self.ln_after(out[k])
+        return out.masked_fill_(padding[None, :, :, None], 0.0) if skip_padding else out
+
     def embed(self, tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, T, E) embeddings with fair-esm's token-dropout rescaling and
         zeroed padding, operation for operation."""
@@ -241,17 +273,21 @@ class FastESM2(nn.Module):
         return pieces
 
     def _run_chunk(
-        self, x: torch.Tensor, padding: torch.Tensor, rotary: torch.Tensor, layer: int
+        self, x: torch.Tensor, padding: torch.Tensor, rotary: torch.Tensor, layer: int,
+        tap: Callable[[int, torch.Tensor], None] | None = None,
     ) -> None:
         """Run layers 1..`layer` on the (b, w, E) view `x` in place; `rotary` holds their
-        (layer, w, D/2) tables. A trimmed view is not contiguous: it runs on a copy."""
+        (layer, w, D/2) tables. A trimmed view is not contiguous: it runs on a copy.
+        `tap(depth, states)` sees the (b, w, E) states after each layer (to copy some)."""
         work = x if x.is_contiguous() else x.contiguous()
         mask = None  # fair-esm drops the mask when nothing is padded; SDPA is faster without
         if padding.any():  # additive, built once: SDPA would convert a bool mask every layer
             mask = torch.zeros(padding.shape, dtype=x.dtype, device=x.device)
             mask = mask.masked_fill(padding, float("-inf"))[:, None, None, :]  # (b, 1, 1, w)
-        for block, table in zip(self.layers[:layer], rotary, strict=True):
+        for depth, (block, table) in enumerate(zip(self.layers[:layer], rotary, strict=True), 1):
             block(work, table, mask)
+            if tap is not None:
+                tap(depth, work)
         if work is not x:
             x.copy_(work)
 
@@ -283,6 +319,10 @@ class FastEncoder:
         """(B, T) tokens -> (B, T, E) states after `layer` (0 = embeddings)."""
         states: torch.Tensor = self.fast(tokens, layer=layer, skip_padding=True)
         return states
+
+    def states(self, tokens: torch.Tensor, *, layers: tuple[int, ...]) -> torch.Tensor:
+        """(n, B, T, E) states after each of `layers`, from one forward."""
+        return self.fast.forward_layers(tokens, layers, skip_padding=True)
 
 
 def rotary_table(inv_freq: torch.Tensor, length: int) -> torch.Tensor:

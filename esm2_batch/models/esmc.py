@@ -218,15 +218,21 @@ class ESMC(nn.Module):
     def forward(self, tokens: Tensor, *, layer: int | None = None) -> Tensor:
         """States after `layer` (see the module docstring: 0 = embeddings, n or None or -1 =
         post-final-norm), computing no block above it. Padding is where tokens == 1."""
-        depth = resolve_layer(layer, self.num_layers)
+        return self.forward_layers(tokens, (self.num_layers if layer is None else layer,))[0]
+
+    def forward_layers(self, tokens: Tensor, layers: tuple[int, ...]) -> Tensor:
+        """(n, B, T, d) states after each of `layers`, from one pass that stops at the
+        deepest of them (several layers cost one forward, not several)."""
+        depths = [resolve_layer(layer, self.num_layers) for layer in layers]
         x: Tensor = self.embed(tokens)  # (B, T, d)
         rotary = rotary_tables(tokens.shape[1], self.config, device=x.device, dtype=x.dtype)
         mask = padding_mask(tokens)
-        for block in self.transformer.blocks[:depth]:
-            x = block(x, rotary, mask)
-        if depth == self.num_layers:
-            x = self.transformer.norm(x)
-        return x
+        taken = {0: x} if 0 in depths else {}  # only what was asked for stays alive
+        for depth, block in enumerate(self.transformer.blocks[:max(depths)], start=1):
+            x = block(x, rotary, mask)  # a new tensor: earlier depths stay as they were
+            if depth in depths:
+                taken[depth] = self.transformer.norm(x) if depth == self.num_layers else x
+        return torch.stack([taken[depth] for depth in depths])
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +261,11 @@ class ESMCEncoder:
         """(B, T) tokens -> (B, T, d) states after `layer` (0 = embeddings)."""
         states: Tensor = self.module(tokens, layer=layer)
         return states.masked_fill(tokens.eq(PAD_IDX).unsqueeze(-1), 0.0)
+
+    def states(self, tokens: Tensor, *, layers: tuple[int, ...]) -> Tensor:
+        """(n, B, T, d) states after each of `layers`, from one forward."""
+        states: Tensor = self.module.forward_layers(tokens, layers)
+        return states.masked_fill(tokens.eq(PAD_IDX)[None, :, :, None], 0.0)
 
 
 def resolve_layer(layer: int | None, num_layers: int) -> int:

@@ -94,6 +94,12 @@ class ReferenceEncoder:
         states: torch.Tensor = out["representations"][layer]
         return states.masked_fill(tokens.eq(self.module.padding_idx).unsqueeze(-1), 0.0)
 
+    def states(self, tokens: torch.Tensor, *, layers: tuple[int, ...]) -> torch.Tensor:
+        """(n, B, T, E) states after each of `layers`, from one ``ESM2.forward``."""
+        out = self.module(tokens, repr_layers=list(layers))["representations"]
+        states = torch.stack([out[layer] for layer in layers])
+        return states.masked_fill(tokens.eq(self.module.padding_idx)[None, :, :, None], 0.0)
+
 
 class Fp32RotaryEmbedding(RotaryEmbedding):  # type: ignore[misc]  # fair-esm is untyped
     """fair-esm's rotary embedding with tables built in fp32 and rebuilt when stale.

@@ -1,4 +1,5 @@
-"""ESM2 weights in the Hugging Face layout, mapped onto fair-esm's official checkpoint layout.
+"""ESM2 in the Hugging Face layouts (transformers' ESM, Synthyra's FastESM), mapped onto
+fair-esm's official checkpoint layout.
 
 Many users hold ESM2 as a Hugging Face model (``facebook/esm2_t33_650M_UR50D`` in their HF
 cache, or a folder with ``config.json`` + ``model.safetensors``) rather than fair-esm's
@@ -8,9 +9,16 @@ cache, or a folder with ``config.json`` + ``model.safetensors``) rather than fai
 set of row semantics, and no ``transformers`` at run time (it would pull tokenizers, hub
 clients and its own attention/padding code paths into a tool that only needs a state dict).
 
+Two model types share the layout (`MODEL_TYPES`): ``esm`` (transformers' EsmModel /
+EsmForMaskedLM) and ``fast_esm`` (Synthyra's FastPLMs FastEsmModel / FastEsmForMaskedLM,
+e.g. FastESM2_650: ESM2-650M trained further up to 2,048 tokens). FastESM's modules are
+transformers' ESM modules under the same names (its attention differs only in kernels),
+so the same map applies; what differs is the training context, which `hf_max_residues`
+reports per model type.
+
 The key map (transformers' ``convert_esm.py`` is the reference for the names), after an
-optional ``esm.`` prefix (present when ``EsmForMaskedLM`` saved the file, absent when
-``EsmModel`` did)::
+optional ``esm.`` prefix (present when ``EsmForMaskedLM`` or any FastESM class saved the
+file, absent when ``EsmModel`` did)::
 
     embeddings.word_embeddings.weight                  embed_tokens.weight
     encoder.layer.N.attention.self.{query,key,value}   layers.N.self_attn.{q,k,v}_proj
@@ -22,7 +30,23 @@ optional ``esm.`` prefix (present when ``EsmForMaskedLM`` saved the file, absent
     encoder.emb_layer_norm_after                       emb_layer_norm_after
     encoder.layer.N.attention.self.rotary_embeddings.inv_freq   layers.N.self_attn.rot_emb.inv_freq
     rotary_embeddings.inv_freq  (transformers >= 5)    every layer's rot_emb.inv_freq
-    lm_head.{dense,layer_norm}, lm_head.decoder.weight, lm_head.bias   lm_head.*
+    lm_head.{dense,layer_norm}, lm_head.bias          lm_head.*
+    lm_head.decoder.weight                             (dropped: tied to embed_tokens)
+
+Before that map, the load-time renames transformers itself applies to ``esm`` checkpoints
+(its ``conversion_mapping.py``: the "esm" entry plus the "legacy" one it appends) are
+applied, because its own ``save_pretrained`` writes the reversed names (seen with 5.24)::
+
+    *.LayerNorm.gamma / *.LayerNorm.beta                 *.LayerNorm.weight / .bias
+    encoder.layer.*.attention.self.rotary_embeddings.inv_freq   (a literal "*": the one
+                                                         shared buffer)  rotary_embeddings.inv_freq
+
+A name that two stored keys map to (``gamma`` next to ``weight``) is an error, as is any
+key outside the map. fair-esm's ESM2 has no decoder matrix of its own: ``lm_head.weight``
+is the token embedding parameter itself. So ``lm_head.decoder.weight`` is never loaded
+(transformers leaves it out of files whose decoder is tied; FastESM stores an untied one,
+which loaded would overwrite the embeddings): the decoder is tied to the embeddings here,
+and the logits of a model with an untied decoder mean nothing; embeddings are exact.
 
 Rotary frequencies: ESM2 was trained in fp16, which rounded its ``inv_freq`` buffer, and
 the published checkpoints (fair-esm's and the HF ones, per layer) carry the rounded values
@@ -31,9 +55,10 @@ checkpoint's values are carried into ``rot_emb.inv_freq`` and only recomputed (f
 ``rope_theta``) when a file has none. Whatever runs the result must use that buffer.
 
 Dropped on purpose: ``contact_head.*`` (fair-esm keeps contact regression in a separate
-file the project never loads), ``pooler.*``, ``embeddings.position_ids``. An ``EsmModel``
-file has no LM head; fair-esm's loader requires one, so it gets the tied embedding matrix
-and a neutral dense/LayerNorm: logits of such a model mean nothing, embeddings are exact.
+file the project never loads), ``pooler.*``, ``embeddings.position_ids`` (transformers
+keeps ignoring ``position_embeddings.weight`` too). An ``EsmModel`` file has no LM head;
+fair-esm's loader requires one, so it gets the tied embedding matrix and a neutral
+dense/LayerNorm: logits of such a model mean nothing, embeddings are exact.
 
 The files themselves (safetensors, ``pytorch_model.bin``, shards, hub ids in the local
 HF cache) are read by weights.py.
@@ -68,6 +93,13 @@ Tensor = torch.Tensor
 ESM2_VOCAB_SIZE = 33
 ESM2_LAYER_NORM_EPS = 1e-5
 
+MODEL_TYPES: dict[str, int] = {"esm": 1022, "fast_esm": 2046}
+"""config.json ``model_type`` of each supported layout -> residues of its training context
+next to BOS and EOS: ESM2 was trained on 1,024 tokens, FastESM2_650 further on up to 2,048
+(as Synthyra describes it). The config's ``max_position_embeddings`` says nothing here (it is
+1026 in ESM2's files and FastPLMs' default alike, and rotary positions have no table)."""
+FASTESM_MODEL_TYPE = "fast_esm"
+
 # HF name (after the optional "esm." prefix) of each per-layer fair-esm parameter.
 _LAYER_MAP: dict[str, str] = {
     "attention.self.query": "self_attn.q_proj",
@@ -88,7 +120,6 @@ _LM_HEAD_MAP: dict[str, str] = {
     "lm_head.dense.bias": "lm_head.dense.bias",
     "lm_head.layer_norm.weight": "lm_head.layer_norm.weight",
     "lm_head.layer_norm.bias": "lm_head.layer_norm.bias",
-    "lm_head.decoder.weight": "lm_head.weight",
     "lm_head.bias": "lm_head.bias",
 }
 _IGNORED = re.compile(
@@ -96,7 +127,19 @@ _IGNORED = re.compile(
     r"|embeddings\.position_ids|embeddings\.position_embeddings\.weight)$"
 )
 """Body keys with no place in a rotary ESM2 embedder (transformers skips the last one too)."""
-_TIED_DECODER_BIAS = "lm_head.decoder.bias"  # some saves repeat lm_head.bias here
+_DECODER_KEYS = frozenset({"lm_head.decoder.weight", "lm_head.decoder.bias"})
+"""Dropped: fair-esm's decoder IS the token embedding matrix (one tied parameter), so a
+stored decoder would overwrite the embeddings when it differs (FastESM saves an untied
+one); ``lm_head.decoder.bias`` repeats lm_head.bias in some saves."""
+_TRANSFORMERS_RENAMES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^encoder\.layer\.\*\.attention\.self\.rotary_embeddings\.inv_freq$"),
+     _MODEL_INV_FREQ),
+    (re.compile(r"(^|\.)LayerNorm\.gamma$"), r"\1LayerNorm.weight"),
+    (re.compile(r"(^|\.)LayerNorm\.beta$"), r"\1LayerNorm.bias"),
+)
+"""transformers' load-time renames for model_type "esm" (conversion_mapping.py: "esm" and
+the "legacy" entries it appends), applied after the optional "esm." prefix. Its
+save_pretrained writes the left-hand names: the shared rotary buffer under a literal "*"."""
 
 
 def read_hf_esm2(path_or_hub_id: str | os.PathLike[str]) -> dict[str, Any]:
@@ -121,9 +164,26 @@ def is_hf_esm2_dir(path: str | os.PathLike[str]) -> bool:
     if not folder.is_dir() or find_weights_file(folder) is None:
         return False
     try:
-        return read_hf_config(folder).get("model_type") == "esm"
+        return read_hf_config(folder).get("model_type") in MODEL_TYPES
     except ModelError:
         return False
+
+
+def hf_model_type(path_or_hub_id: str | os.PathLike[str]) -> str:
+    """The config.json ``model_type`` of an HF ESM2 (folder, file in it, or cached hub id):
+    one of `MODEL_TYPES`, else a one-line ModelError."""
+    folder = resolve_hf_folder(path_or_hub_id)
+    model_type = read_hf_config(folder).get("model_type", "esm")
+    if model_type not in MODEL_TYPES:
+        raise ModelError(f"cannot load {folder}: not an ESM2 model (model_type is "
+                         f"{model_type!r}, expected one of {', '.join(MODEL_TYPES)})")
+    return str(model_type)
+
+
+def hf_max_residues(path_or_hub_id: str | os.PathLike[str]) -> int:
+    """Residues that fit the model's training context next to BOS and EOS (`MODEL_TYPES`):
+    1,022 for ESM2, 2,046 for FastESM2."""
+    return MODEL_TYPES[hf_model_type(path_or_hub_id)]
 
 
 def resolve_hf_folder(path_or_hub_id: str | os.PathLike[str]) -> Path:
@@ -180,8 +240,9 @@ def _esm2_dims(config: Mapping[str, Any], folder: Path) -> _Dims:
         return ModelError(f"cannot load {folder}: not an ESM2 model ({why}); "
                           f"ESM-1b/1v and ESMFold checkpoints are not supported")
 
-    if config.get("model_type", "esm") != "esm":
-        raise refuse(f"model_type is {config.get('model_type')!r}, expected 'esm'")
+    if config.get("model_type", "esm") not in MODEL_TYPES:
+        expected = " or ".join(repr(name) for name in MODEL_TYPES)
+        raise refuse(f"model_type is {config.get('model_type')!r}, expected {expected}")
     try:
         layers, embed = int(config["num_hidden_layers"]), int(config["hidden_size"])
         heads, ffn = int(config["num_attention_heads"]), int(config["intermediate_size"])
@@ -209,12 +270,19 @@ def _to_official(state: Mapping[str, Tensor], dims: _Dims, folder: Path) -> dict
     prefix = "esm." if any(key.startswith("esm.") for key in state) else ""
     body: dict[str, Tensor] = {}
     unknown: list[str] = []
+    source: dict[str, str] = {}  # fair-esm name -> the stored key it came from
     shared_inv_freq: Tensor | None = None
     for key, value in state.items():
         name = _official_name(key, prefix)
         if name is None:
             unknown.append(key)
-        elif name == _MODEL_INV_FREQ:
+            continue
+        if name and name in source:
+            raise ModelError(f"cannot load {folder}: {key} and {source[name]} are the same "
+                             f"weight stored twice")
+        if name:
+            source[name] = key
+        if name == _MODEL_INV_FREQ:
             shared_inv_freq = value
         elif name:
             body[name] = value.float() if name.endswith(".inv_freq") else value
@@ -232,11 +300,11 @@ def _official_name(key: str, prefix: str) -> str | None:
     model-level rotary buffer, None when the key is not part of an ESM2."""
     if key in _LM_HEAD_MAP:
         return _LM_HEAD_MAP[key]
-    if key == _TIED_DECODER_BIAS:
+    if key in _DECODER_KEYS:
         return ""
     if not key.startswith(prefix):
         return None
-    rest = key[len(prefix):]
+    rest = _transformers_name(key[len(prefix):])
     if _IGNORED.match(rest):
         return ""
     if rest == "embeddings.word_embeddings.weight":
@@ -251,6 +319,13 @@ def _official_name(key: str, prefix: str) -> str | None:
     if found and found.group(2) in _LAYER_MAP:
         return f"layers.{found.group(1)}.{_LAYER_MAP[found.group(2)]}.{found.group(3)}"
     return None
+
+
+def _transformers_name(key: str) -> str:
+    """`key` (after the "esm." prefix) as transformers loads it (`_TRANSFORMERS_RENAMES`)."""
+    for pattern, replacement in _TRANSFORMERS_RENAMES:
+        key = pattern.sub(replacement, key)
+    return key
 
 
 def _fill_rotary(body: dict[str, Tensor], shared: Tensor | None, dims: _Dims) -> None:

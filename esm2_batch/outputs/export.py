@@ -121,8 +121,11 @@ def export_genes(
     symbols: Mapping[str, str] | None = None,
     key_case: KeyCase = "upper",
     include_missing: bool = False,
+    key: str = "emb",
 ) -> ExportResult:
     """Write one vector per gene of an esm_all.pt as saturn, npz or parquet.
+
+    `key` is the matrix exported: "emb", or a further one ("emb_max_layer20", ...).
 
     `fmt` None infers the format from the suffix of `out` (.pt, .npz, .parquet). Genes
     without a protein are left out (include_missing=True keeps them as zero rows in npz
@@ -131,7 +134,7 @@ def export_genes(
     lower-case both their keys and var_names, so the case only matters to other readers.
     Written to a temporary name and renamed: a crash leaves no half-written file.
     """
-    data = esm if isinstance(esm, EsmFile) else read_esm_file(esm)
+    data = (esm if isinstance(esm, EsmFile) else read_esm_file(esm)).select(key)
     out_path = Path(out)
     fmt = _resolve_format(fmt, out_path)
     _check_out(out_path)
@@ -218,8 +221,8 @@ def _table(vectors: GeneVectors, symbols: Mapping[str, str | None], keep: list[i
 
 def _export_meta(data: EsmFile, vectors: GeneVectors) -> dict[str, Any]:
     """Provenance carried inside npz and parquet files (plain JSON)."""
-    keys = ("model", "layer", "pooling", "truncation", "species", "ensembl_release",
-            "created")
+    keys = ("model", "layer", "pooling", "matrix", "truncation", "species",
+            "ensembl_release", "created")
     meta = {k: data.meta.get(k) for k in keys if k in data.meta}
     return {**meta, "gene_pooling": vectors.gene_pooling, "dim": int(vectors.matrix.shape[1])}
 

@@ -1,5 +1,10 @@
 """FASTA files -> one <stem>_ESM.pt each: {'proteins': [labels], 'data': [float32 rows]}.
 
+With several layers or poolers (--repr_layers, --include), 'data' holds the first
+(pooler, layer) and each further one gets its own list, 'data_<pooler>_layer<L>'
+(e.g. 'data_max_layer20'), in the same protein order; 'matrices' then maps every one of
+these keys to {'pooler', 'layer'}.
+
 Labels are the first word of each header, in file order. Each file's distinct sequences
 go through the same embedding stage as gene mode (run/stages.py: in this process or on
 Ray), into an in-memory float32 sink, so the rows are the same whichever stage ran them.
@@ -15,12 +20,13 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from esm2_batch.embedding.embed import clean_sequence
-from esm2_batch.embedding.options import EmbedOptions
+from esm2_batch.embedding.options import EmbedOptions, matrix_name
 from esm2_batch.errors import InputError, StoreError
 from esm2_batch.models import LoadedModel
 from esm2_batch.run.stages import MemorySink, StageOptions, make_stage
@@ -101,11 +107,25 @@ class _FastaJob:
         rows, failed = self._embed(valid)
         failures += failed
         kept = [(label, rows[_KEYS.of(seq)]) for label, seq in valid if _KEYS.of(seq) in rows]
-        data = {"proteins": [label for label, _ in kept],
-                "data": [row.to(torch.float32).clone() for _, row in kept]}
-        atomic_save(data, result.out)
+        atomic_save(self._output([label for label, _ in kept], [row for _, row in kept]),
+                    result.out)
         result.proteins, result.failed = len(kept), len(failures)
         _log_failures(result, failures)
+
+    def _output(self, labels: list[str], packed: list[torch.Tensor]) -> dict[str, Any]:
+        """The file's dict: 'data' the first matrix, 'data_<pooler>_layer<L>' the others
+        (rows arrive side by side, run/stages.py), 'matrices' naming each when several."""
+        model = self.model
+        matrices = self.options.matrices(name=model.name, num_layers=model.num_layers)
+        keys = ["data", *(f"data_{matrix_name(m)}" for m in matrices[1:])]
+        data: dict[str, Any] = {"proteins": labels}
+        for n, key in enumerate(keys):
+            part = slice(n * model.embed_dim, (n + 1) * model.embed_dim)
+            data[key] = [row[part].to(torch.float32).clone() for row in packed]
+        if len(matrices) > 1:
+            data["matrices"] = {key: {"pooler": pooler, "layer": layer}
+                                for key, (pooler, layer) in zip(keys, matrices, strict=True)}
+        return data
 
     def _embed(self, valid: list[tuple[str, str]]
                ) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:

@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from esm2_batch.embedding.batching import SPECIAL_TOKENS
+from esm2_batch.embedding.options import Matrix, matrix_name
 from esm2_batch.errors import InputError, ModelError, StoreError
 from esm2_batch.models import LoadedModel
 from esm2_batch.records import GeneIsoforms, settled_status
@@ -42,12 +43,18 @@ from esm2_batch.sources.gene_lists import GeneList, dedupe, merge_spellings, rea
 from esm2_batch.sources.h5ad_genes import H5adGenes, read_h5ad_genes
 from esm2_batch.sources.isoforms_fasta import write_isoforms_fasta
 from esm2_batch.store.atomic import check_writable
-from esm2_batch.store.esm_file import EsmFile, assemble, read_esm_file, write_esm_file
+from esm2_batch.store.esm_file import (
+    MATRIX_PREFIX,
+    EsmFile,
+    assemble,
+    read_esm_file,
+    write_esm_file,
+)
 from esm2_batch.store.keys import RowKeys, settings_scope
 from esm2_batch.store.partial import PartialStore, describe_difference
 from esm2_batch.version import package_version
 
-__all__ = ["partial_dir", "run", "run_settings"]
+__all__ = ["matrix_keys", "partial_dir", "run", "run_settings"]
 
 
 def run(config: RunConfig, *, model: LoadedModel | None = None) -> RunSummary:
@@ -70,14 +77,29 @@ def run_settings(config: RunConfig, model: LoadedModel) -> dict[str, Any]:
     them exactly. `weights` is the fingerprint of the weights themselves (not their file
     name) and `compute_dtype` the precision the rows were computed in; the engines agree
     within float32 rounding, far below the float16 the rows are stored in, so the engine
-    is recorded in meta but does not split the rows."""
-    layer = config.embed.layer_index(name=model.name, num_layers=model.num_layers)
-    return {"model": model.name, "weights": model.fingerprint, "backend": model.backend,
-            "compute_dtype": str(model.dtype).removeprefix("torch."),
-            "embed_dim": model.embed_dim,
-            "num_layers": model.num_layers, "layer": layer, "pooling": "mean",
-            "truncation": config.embed.truncation, "long_seqs": config.embed.long_seqs,
-            "species": config.source.species, "biotypes": sorted(config.source.biotypes)}
+    is recorded in meta but does not split the rows. `layer` and `pooling` are emb's;
+    with several layers or poolers, `matrices` names every one in row order (absent
+    otherwise, so a one-matrix run keeps the settings, and the rows, of earlier versions)."""
+    matrices = config.embed.matrices(name=model.name, num_layers=model.num_layers)
+    (pooling, layer) = matrices[0]
+    settings: dict[str, Any] = {
+        "model": model.name, "weights": model.fingerprint, "backend": model.backend,
+        "compute_dtype": str(model.dtype).removeprefix("torch."),
+        "embed_dim": model.embed_dim,
+        "num_layers": model.num_layers, "layer": layer, "pooling": pooling,
+        "truncation": config.embed.truncation, "long_seqs": config.embed.long_seqs,
+        "species": config.source.species, "biotypes": sorted(config.source.biotypes)}
+    if len(matrices) > 1:
+        settings["matrices"] = [matrix_name(m) for m in matrices]
+    return settings
+
+
+def matrix_keys(config: RunConfig, model: LoadedModel) -> dict[str, Matrix]:
+    """esm_all.pt's key of every matrix, in row order: "emb" for the first (the contract's
+    matrix), "emb_<pooler>_layer<L>" for the others."""
+    matrices = config.embed.matrices(name=model.name, num_layers=model.num_layers)
+    return {("emb" if n == 0 else MATRIX_PREFIX + matrix_name(m)): m
+            for n, m in enumerate(matrices)}
 
 
 @dataclass
@@ -116,6 +138,7 @@ class GeneRun:
         self.model = model or self._load_model()
         _check_budget(config, self.model)
         self.settings = run_settings(config, self.model)
+        self.matrices = matrix_keys(config, self.model)
         self.keys = RowKeys(settings_scope(self.settings))
         self.reused = _reusable(config, self.settings)
         self.store = PartialStore(partial_dir(config.out), self.settings,
@@ -219,7 +242,7 @@ class GeneRun:
             self.summary.notes.append(note)
         data = assemble(genes, chosen, self.store.load_rows(), keys=self.keys,
                         dim=self.model.embed_dim, meta=self._meta(genes, chosen, aliases),
-                        reused=self.reused)
+                        reused=self.reused, matrices=list(self.matrices))
         written = write_esm_file(config.out, data)
         self.summary.isoforms = len(written.protein_ids)
         write_side_files(config.out, chosen, self.summary, stage.failed, written,
@@ -289,6 +312,8 @@ class GeneRun:
             "synonyms": per_gene(  # query -> current symbol, for queries found by synonym
                 "synonyms", lambda g: g.symbol if g.matched_by == "synonym" else None, None),
             "symbols": symbols, **self._source_meta(old), "versions": _versions(),
+            "matrices": {key: {"pooler": pooler, "layer": layer}  # every matrix, emb first
+                         for key, (pooler, layer) in self.matrices.items()},
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
 
@@ -328,6 +353,10 @@ def _check_outputs(config: RunConfig, genes: Genes) -> None:
 
 
 def _check_budget(config: RunConfig, model: LoadedModel) -> None:
+    config.embed.layer_indices(name=model.name, num_layers=model.num_layers)  # too deep
+    if "per_residue" in config.embed.poolers:
+        raise InputError("gene mode stores pooled rows: pooling 'per_residue' is for "
+                         "embed_sequences / iter_embeddings")
     truncation, budget = config.embed.truncation, config.embed.toks_per_batch
     if truncation > model.max_residues:
         raise InputError(f"--truncation {truncation} exceeds {model.name}'s context "

@@ -130,13 +130,15 @@ class EmbedActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names, seqs = list(batch["name"]), list(batch["seq"])
-        emb = np.zeros((len(seqs), self.model.embed_dim), dtype=np.float32)
+        model = self.model
+        matrices = self.embed.matrices(name=model.name, num_layers=model.num_layers)
+        emb = np.zeros((len(seqs), len(matrices) * model.embed_dim), dtype=np.float32)
         errors = [""] * len(seqs)
-        for result in embed_rows(self.model, list(zip(names, seqs, strict=True)), self.embed):
-            if result.row is None:
+        for result in embed_rows(model, list(zip(names, seqs, strict=True)), self.embed):
+            if result.packed is None:
                 errors[result.index] = str(result.error)
-            else:
-                emb[result.index] = result.row.to(torch.float32).numpy()
+            else:  # every (layer, pooler) side by side, as the in-process stage packs them
+                emb[result.index] = result.packed.to(torch.float32).numpy()
         return {"key": batch["key"], "name": batch["name"], "emb": emb,
                 "error": np.array(errors, dtype=object)}
 

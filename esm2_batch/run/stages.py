@@ -7,6 +7,10 @@ ray_stage.py), used by gene mode and FASTA mode alike.
                                          ▼
                                    RowSink.add_rows(keys, float32 rows)
 
+With several layers or poolers (EmbedOptions.matrices), a row is every pooled vector side
+by side, [n_matrices * dim] in matrices order (`Embedded.packed`): one tensor per
+sequence, so a store holds all of a row's matrices or none of them.
+
 Rows are keyed by `store.keys.RowKeys` (the run's settings digest and the sequence), so a
 sequence shared by several genes or FASTA records is embedded once, and a row made under
 other settings or weights never stands in for one of this run. Every stage hands the sink
@@ -242,10 +246,10 @@ class ThreadStage(PendingSequences, threading.Thread):
             if self._stopping.is_set():
                 break
             key, (name, sequence) = pending[result.index]
-            if result.row is None:
+            if result.packed is None:
                 self._fail(key, name, str(result.error), len(sequence))
             else:
-                batch.add(key, result.row, len(sequence))
+                batch.add(key, result.packed, len(sequence))
         batch.flush()
         self.busy_s += time.perf_counter() - started
 

@@ -4,6 +4,12 @@ Contract (DESIGN.md): a dict with `emb` (float16 [n_rows, dim]), `genes` (querie
 input order), `protein_ids` (one per row), `gene_to_isoform_indices` (every gene; [] when
 it has no protein) and `meta`. Only plain types, so it loads with weights_only=True.
 
+Further pooled matrices (several --repr_layers or --include poolers) sit beside `emb`
+under keys starting "emb_" (e.g. `emb_max_layer20`), float16, one row per protein id in
+the same order; meta["matrices"] maps every matrix key, `emb` included, to its pooler and
+layer. `EsmFile.select(key)` gives a view whose `emb` is that matrix, so every consumer
+below reads any of them the same way.
+
 Every consumer of the file (nn.load_esm_matrix, the exporters, the .h5ad writer) matches
 gene names with `EsmFile.match_rows` and pools isoforms with `gene_vectors`, so a gene's
 vector is the same bits whichever tool reads it.
@@ -13,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +31,8 @@ from esm2_batch.store.atomic import atomic_save
 from esm2_batch.store.keys import RowKeys
 
 REQUIRED_KEYS = ("emb", "genes", "protein_ids", "gene_to_isoform_indices")
+MATRIX_PREFIX = "emb_"
+"""Keys of the further pooled matrices: emb_<pooler>_layer<L>."""
 
 
 @dataclass(frozen=True)
@@ -36,10 +44,36 @@ class EsmFile:
     protein_ids: list[str]
     gene_to_isoform_indices: dict[str, list[int]]
     meta: dict[str, Any] = field(default_factory=dict)
+    matrices: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The further matrices by key ("emb_max_layer20", ...); `emb` is not among them."""
 
     @property
     def dim(self) -> int:
         return int(self.emb.shape[1])
+
+    @property
+    def keys(self) -> list[str]:
+        """Every matrix key, "emb" first."""
+        return ["emb", *self.matrices]
+
+    def matrix(self, key: str = "emb") -> torch.Tensor:
+        """The [n_rows, dim] matrix stored under `key`; StoreError naming the keys held."""
+        if key == "emb":
+            return self.emb
+        if key not in self.matrices:
+            raise StoreError(f"no matrix {key!r} in this file: it holds {', '.join(self.keys)}")
+        return self.matrices[key]
+
+    def select(self, key: str = "emb") -> EsmFile:
+        """This file with `key`'s matrix as `emb`, so every reader takes any matrix; its
+        meta's "layer" and "pooling" become that matrix's (from meta["matrices"])."""
+        if key == "emb":
+            return self
+        described = self.meta.get("matrices", {}).get(key, {})
+        facts = {"layer": described.get("layer"), "pooling": described.get("pooler")}
+        meta = {**self.meta, **{k: v for k, v in facts.items() if v is not None},
+                "matrix": key}
+        return replace(self, emb=self.matrix(key), meta=meta)
 
     def rows_of(self, gene: str) -> list[int]:
         """The row indices of a gene, canonical first ([] when it has no protein)."""
@@ -91,7 +125,19 @@ def validate(data: object, *, source: str = "esm_all.pt") -> EsmFile:
     if bad:
         raise StoreError(f"{source}: row indices out of range for {bad[:5]}")
     return EsmFile(emb=emb, genes=[str(g) for g in data["genes"]], protein_ids=protein_ids,
-                   gene_to_isoform_indices=index, meta=dict(data.get("meta", {})))
+                   gene_to_isoform_indices=index, meta=dict(data.get("meta", {})),
+                   matrices=_further_matrices(data, emb, source))
+
+
+def _further_matrices(data: dict[str, Any], emb: torch.Tensor, source: str
+                      ) -> dict[str, torch.Tensor]:
+    """The emb_* matrices, each checked to have `emb`'s rows."""
+    found = {str(k): v for k, v in data.items() if str(k).startswith(MATRIX_PREFIX)}
+    for key, matrix in found.items():
+        if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2 or (
+                matrix.shape[0] != emb.shape[0]):
+            raise StoreError(f"{source}: {key!r} must be a 2-D tensor with {emb.shape[0]} rows")
+    return found
 
 
 def assemble(
@@ -103,28 +149,36 @@ def assemble(
     dim: int,
     meta: dict[str, Any],
     reused: EsmFile | None = None,
+    matrices: Sequence[str] = ("emb",),
 ) -> dict[str, Any]:
     """Build the contract's dict: rows gene by gene in input order, canonical first.
 
     A gene with a fresh record takes its rows from `rows` (by `keys`); one without takes
-    them from `reused` (an earlier esm_all.pt made with the same settings).
+    them from `reused` (an earlier esm_all.pt made with the same settings). A row of
+    `rows` holds the `matrices` side by side ([len(matrices) * dim], the partial store's
+    layout); each becomes its own float16 matrix under its key, rows in the same order.
     """
     parts: list[torch.Tensor] = []
     protein_ids: list[str] = []
     index: dict[str, list[int]] = {}
     for gene in genes:
-        ids, gene_rows = _gene_rows(gene, records, rows, keys, reused)
+        ids, gene_rows = _gene_rows(gene, records, rows, keys, reused, matrices)
         index[gene] = list(range(len(protein_ids), len(protein_ids) + len(ids)))
         protein_ids += ids
         parts += gene_rows
-    emb = (torch.stack(parts) if parts else torch.zeros(0, dim)).to(torch.float16)
-    return {"emb": emb, "genes": list(genes), "protein_ids": protein_ids,
-            "gene_to_isoform_indices": index, "meta": meta}
+    width = dim * len(matrices)
+    packed = (torch.stack(parts) if parts else torch.zeros(0, width)).to(torch.float16)
+    split = {key: packed[:, n * dim : (n + 1) * dim] for n, key in enumerate(matrices)}
+    if len(matrices) > 1:  # own storage each: torch.save writes a view's whole storage
+        split = {key: matrix.clone() for key, matrix in split.items()}
+    return {**split, "genes": list(genes),
+            "protein_ids": protein_ids, "gene_to_isoform_indices": index, "meta": meta}
 
 
 def _gene_rows(gene: str, records: Mapping[str, GeneIsoforms],
                rows: Mapping[str, torch.Tensor], keys: RowKeys,
-               reused: EsmFile | None) -> tuple[list[str], list[torch.Tensor]]:
+               reused: EsmFile | None, matrices: Sequence[str]
+               ) -> tuple[list[str], list[torch.Tensor]]:
     record = records.get(gene)
     if record is not None:
         isoforms = record.isoforms
@@ -132,7 +186,9 @@ def _gene_rows(gene: str, records: Mapping[str, GeneIsoforms],
                 [rows[keys.of(i.sequence)] for i in isoforms])
     if reused is not None and gene in reused.gene_to_isoform_indices:
         old = reused.rows_of(gene)
-        return [reused.protein_ids[i] for i in old], [reused.emb[i] for i in old]
+        held = [reused.matrix(key) for key in matrices]
+        return ([reused.protein_ids[i] for i in old],
+                [torch.cat([matrix[i] for matrix in held]) for i in old])
     raise StoreError(f"internal: gene {gene!r} has neither a record nor a reused row")
 
 

@@ -53,9 +53,11 @@ class PartialStore:
     settings.json   what the rows depend on (model, layer, pooling, truncation, ...);
                     a rerun with other settings is refused unless overwrite=True
     isoforms.jsonl  one fetched GeneIsoforms per line, appended and fsynced as it comes
-    rows/NNNNNN.pt  {"keys": [store.keys.RowKeys keys], "emb": float16 [k, dim]}, one per
-                    flush,
-                    each written to a temporary name and renamed
+    rows/NNNNNN.pt  {"keys": [store.keys.RowKeys keys], "emb": float16 [k, width]}, one
+                    per flush, each written to a temporary name and renamed; width is
+                    dim, or with several layers/poolers (settings["matrices"], n names)
+                    n * dim: each row's matrices side by side in that order, so a chunk
+                    holds every matrix of its rows or, unfinished, none
 
     Use it as a context manager (or call close()) so the lock is released on every exit
     path; remove() deletes the directory and then releases it.
@@ -263,7 +265,7 @@ class PartialStore:
         """One chunk's rows, or none when it is damaged (removed: embedded again)."""
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-            keys, emb = _chunk_parts(data, self.settings.get("embed_dim"))
+            keys, emb = _chunk_parts(data, row_width(self.settings))
         except Exception as exc:  # a damaged file makes torch raise any of many types
             log.warning("%s: damaged rows chunk (%s); removed, its rows will be embedded "
                         "again", path, first_line(exc))
@@ -403,6 +405,15 @@ def _chunk_parts(data: object, dim: object) -> tuple[list[str], torch.Tensor]:
     if isinstance(dim, int) and emb.shape[1] != dim:
         raise ValueError(f"rows of width {emb.shape[1]}, not {dim}")
     return keys, emb
+
+
+def row_width(settings: dict[str, Any]) -> object:
+    """The width of a stored row: embed_dim times the number of matrices (one when the
+    settings list none); what the settings do not state is not checked (None)."""
+    dim, matrices = settings.get("embed_dim"), settings.get("matrices")
+    if isinstance(dim, int) and isinstance(matrices, list):
+        return dim * len(matrices)
+    return dim
 
 
 def _empty_dir(path: Path) -> bool:

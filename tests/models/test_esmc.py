@@ -189,6 +189,15 @@ def test_layer_numbering(model: ESMC, sequences: list[str]) -> None:
     assert resolve_layer(None, 30) == 30
 
 
+def test_several_layers_from_one_forward(model: ESMC, sequences: list[str]) -> None:
+    """forward_layers (what --repr_layers uses) gives each layer as a one-layer call."""
+    tokens = batch(sequences[:3])
+    with torch.no_grad():
+        states = model.forward_layers(tokens, (1, 0, -1))
+        for k, layer in enumerate((1, 0, N_LAYERS)):
+            assert torch.equal(states[k], model(tokens, layer=layer))
+
+
 def test_low_precision_runs_close_to_fp32(pth: Path, sequences: list[str]) -> None:
     reference = load_esmc(pth)
     half = load_esmc(pth).to(torch.bfloat16)
