@@ -88,7 +88,8 @@ EngineOpt = Annotated[str, _opt("--engine", help="fast (the project's ESM2 forwa
                                 "reference (fair-esm's own; rows agree within 1e-5).")]
 BackendOpt = Annotated[str, _opt(
     "--backend", help="auto (from --model_size/--model_path), fair-esm, hf (ESM2 in the "
-    "Hugging Face layout: a folder or a hub id in the local HF cache) or esmc (ESM C).")]
+    "Hugging Face layout: a folder or a hub id in the local HF cache), fastesm (Synthyra's "
+    "FastESM2), esmc (ESM C) or esm3 (ESM3's sequence track).")]
 Device = Annotated[str | None, _opt("--device", help="cuda or cpu (default: cuda if available).")]
 DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
 DtypeOpt = Annotated[str, _opt("--dtype", help="Compute precision: auto (fp16 on CUDA, fp32 "
@@ -96,8 +97,9 @@ DtypeOpt = Annotated[str, _opt("--dtype", help="Compute precision: auto (fp16 on
 BatchSize = Annotated[int | None, _opt("--batch_size", help="Max sequences per batch.")]
 Toks = Annotated[int, _opt("--toks_per_batch", help="Token budget per batch (padded, incl. "
                            "BOS/EOS).")]
-Truncation = Annotated[int, _opt("--truncation", help="Residues kept per sequence (ESM2's "
-                                 "context holds 1022).")]
+Truncation = Annotated[int | None, _opt(
+    "--truncation", help="Residues kept per sequence (default: the model's context, 1022 for "
+    "ESM2, 2046 for FastESM2, ESM C and ESM3).")]
 LongSeqsOpt = Annotated[str, _opt("--long_seqs", help="truncate (first --truncation residues) "
                                   "or window (overlapping windows over the whole protein).")]
 ReprLayers = Annotated[str | None, _opt(
@@ -155,7 +157,7 @@ def main(
         "https://rest.ensembl.org).")] = None,
     biotypes: Annotated[str, _opt("--biotypes", help="Comma-separated transcript biotypes "
                                   "whose proteins count.")] = "protein_coding",
-    truncation: Truncation = 1022,
+    truncation: Truncation = None,
     long_seqs: LongSeqsOpt = "truncate",
     repr_layers: ReprLayers = None,
     include: Include = None,
@@ -244,7 +246,7 @@ def fasta(
     dtype: DtypeOpt = "auto",
     batch_size: BatchSize = None,
     toks_per_batch: Toks = 4096,
-    truncation: Truncation = 1022,
+    truncation: Truncation = None,
     long_seqs: LongSeqsOpt = "truncate",
     repr_layers: ReprLayers = None,
     include: Include = None,

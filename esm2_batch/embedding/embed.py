@@ -20,7 +20,7 @@ Policies, decided once here:
 - Identical sequences (after that cleaning) are embedded once and shared.
 - Long proteins: ``long_seqs="truncate"`` keeps the first `truncation` residues, as
   esm-extract does. ``"window"`` covers the whole protein with windows of
-  ``min(truncation, 1022)`` residues overlapping by a quarter window (see
+  ``min(truncation, the model's context)`` residues overlapping by a quarter window (see
   `batching.plan_windows`); each residue's state is the mean over the windows covering it,
   then pooled, so a titin costs ~46 window passes and never more memory than one.
   ``pooling="bos"`` in window mode is the mean of the windows' BOS states; max and std
@@ -47,7 +47,6 @@ from typing import NoReturn
 import torch
 
 from esm2_batch.embedding.batching import (
-    MAX_RESIDUES,
     SPECIAL_TOKENS,
     plan_batches,
     plan_windows,
@@ -121,7 +120,7 @@ def embed_sequences(
     *,
     toks_per_batch: int = 4096,
     batch_size: int | None = None,
-    truncation: int = MAX_RESIDUES,
+    truncation: int | None = None,
     long_seqs: LongSeqs = "truncate",
     pooling: Pooling = "mean",
     repr_layer: int = -1,
@@ -161,7 +160,7 @@ def iter_embeddings(
     *,
     toks_per_batch: int = 4096,
     batch_size: int | None = None,
-    truncation: int = MAX_RESIDUES,
+    truncation: int | None = None,
     long_seqs: LongSeqs = "truncate",
     pooling: Pooling = "mean",
     repr_layer: int = -1,
@@ -184,6 +183,7 @@ def iter_embeddings(
 def embed_rows(model: LoadedModel, sequences: Sequence[SequenceInput],
                options: EmbedOptions) -> Iterator[Embedded]:
     """`iter_embeddings` with its options as one object (what the run's stages pass)."""
+    options = options.for_model(model.max_residues)
     options.check(name=model.name, num_layers=model.num_layers,
                   max_residues=model.max_residues)
     layers = options.layer_indices(name=model.name, num_layers=model.num_layers)
@@ -258,8 +258,8 @@ def _ranges(length: int, options: EmbedOptions, context: int) -> tuple[tuple[int
     """The residue ranges one sequence is embedded from, per the long-sequence policy;
     windows never exceed the model's own `context` (its max_residues)."""
     if options.long_seqs == "window":
-        return plan_windows(length, window=min(options.truncation, context))
-    return ((0, min(length, options.truncation)),)
+        return plan_windows(length, window=min(options.cut, context))
+    return ((0, min(length, options.cut)),)
 
 
 def _raise_oversize(

@@ -8,10 +8,10 @@ against the model, before any work (`EmbedOptions.check`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
-from esm2_batch.embedding.batching import MAX_RESIDUES, SPECIAL_TOKENS
+from esm2_batch.embedding.batching import SPECIAL_TOKENS
 from esm2_batch.errors import InputError
 
 __all__ = ["POOLERS", "EmbedOptions", "LongSeqs", "Matrix", "Pooler", "Pooling", "matrix_name"]
@@ -39,7 +39,9 @@ class EmbedOptions:
 
     toks_per_batch: tokens per forward pass, counting padding, BOS and EOS.
     batch_size: at most this many sequences per pass (None: only the token budget).
-    truncation: residues kept per protein (window mode: the window length).
+    truncation: residues kept per protein (window mode: the window length); None: the
+        model's own context (1,022 for ESM2, 2,046 for FastESM2, ESM C and ESM3), filled
+        in by `for_model` before anything is planned.
     long_seqs: "truncate" or "window" (see `LongSeqs`).
     repr_layer: the layer whose states are pooled; negative counts from the end
         (-1: the last, after the final LayerNorm; 0: the embeddings).
@@ -57,7 +59,7 @@ class EmbedOptions:
 
     toks_per_batch: int = 4096
     batch_size: int | None = None
-    truncation: int = MAX_RESIDUES
+    truncation: int | None = None
     long_seqs: LongSeqs = "truncate"
     repr_layer: int = -1
     pooling: Pooling = "mean"
@@ -76,11 +78,23 @@ class EmbedOptions:
         """The poolers of every row, first the one `Embedded.row` holds."""
         return tuple(self.include) or (self.pooling,)
 
+    def for_model(self, max_residues: int) -> EmbedOptions:
+        """These options with `truncation` filled in from the model's context when unset."""
+        return self if self.truncation is not None else replace(self, truncation=max_residues)
+
+    @property
+    def cut(self) -> int:
+        """The resolved truncation (see `for_model`)."""
+        if self.truncation is None:
+            raise ValueError("truncation is unresolved: call for_model(model context) first")
+        return self.truncation
+
     def check(self, *, name: str, num_layers: int, max_residues: int) -> int:
         """Validate every field for a model with `num_layers` and a context of
         `max_residues`; return the absolute layer index. One-line InputError otherwise."""
         self.check_values()
-        if self.truncation > max_residues:  # positions beyond the training context
+        # positions beyond the training context
+        if self.truncation is not None and self.truncation > max_residues:
             raise InputError(f"truncation {self.truncation} exceeds {name}'s context of "
                              f"{max_residues} residues; lower it, or use long_seqs='window' "
                              "to cover long proteins whole")
@@ -95,7 +109,7 @@ class EmbedOptions:
         if self.batch_size is not None and not _positive_int(self.batch_size):
             raise InputError(f"batch_size must be a positive integer or None, not "
                              f"{self.batch_size!r}")
-        if not _positive_int(self.truncation):
+        if self.truncation is not None and not _positive_int(self.truncation):
             raise InputError(f"truncation must be a positive integer, not {self.truncation!r}")
         if self.pooling not in get_args(Pooling):
             raise InputError(f"pooling must be one of {get_args(Pooling)}, not "
@@ -156,7 +170,7 @@ class EmbedOptions:
 
     def kept(self, length: int) -> int:
         """Residues of a `length`-residue protein that are embedded."""
-        return length if self.long_seqs == "window" else min(length, self.truncation)
+        return length if self.long_seqs == "window" else min(length, self.cut)
 
     def tokens(self, length: int) -> int:
         """Tokens a protein costs, BOS and EOS included (padding excluded)."""

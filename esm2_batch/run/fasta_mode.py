@@ -69,8 +69,9 @@ def run_fasta(inputs: Sequence[Path], *, model: LoadedModel, out_dir: Path | Non
     (default: the model's name) on `device` (default: a GPU where the cluster has one)."""
     if out_dir is not None and not out_dir.is_dir():
         raise StoreError(f"{out_dir}: no such output directory; create it first")
-    job = _FastaJob(model, embed or EmbedOptions(), stage or StageOptions(),
-                    model_source or model.name, device)
+    options = (embed or EmbedOptions()).for_model(model.max_residues)
+    job = _FastaJob(model, options, stage or StageOptions(), model_source or model.name,
+                    device)
     job.options.check(name=model.name, num_layers=model.num_layers,
                       max_residues=model.max_residues)
     results = []

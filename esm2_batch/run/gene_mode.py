@@ -87,7 +87,8 @@ def run_settings(config: RunConfig, model: LoadedModel) -> dict[str, Any]:
         "compute_dtype": str(model.dtype).removeprefix("torch."),
         "embed_dim": model.embed_dim,
         "num_layers": model.num_layers, "layer": layer, "pooling": pooling,
-        "truncation": config.embed.truncation, "long_seqs": config.embed.long_seqs,
+        "truncation": config.embed.for_model(model.max_residues).cut,
+        "long_seqs": config.embed.long_seqs,
         "species": config.source.species, "biotypes": sorted(config.source.biotypes)}
     if len(matrices) > 1:
         settings["matrices"] = [matrix_name(m) for m in matrices]
@@ -136,6 +137,9 @@ class GeneRun:
         self.genes = Genes.read(config, self.source)
         _check_outputs(config, self.genes)
         self.model = model or self._load_model()
+        # an unset --truncation is the model's own context (1,022 ESM2, 2,046 FastESM2/ESM C)
+        self.config = config = replace(
+            config, embed=config.embed.for_model(self.model.max_residues))
         _check_budget(config, self.model)
         self.settings = run_settings(config, self.model)
         self.matrices = matrix_keys(config, self.model)
@@ -357,7 +361,8 @@ def _check_budget(config: RunConfig, model: LoadedModel) -> None:
     if "per_residue" in config.embed.poolers:
         raise InputError("gene mode stores pooled rows: pooling 'per_residue' is for "
                          "embed_sequences / iter_embeddings")
-    truncation, budget = config.embed.truncation, config.embed.toks_per_batch
+    truncation = config.embed.for_model(model.max_residues).cut
+    budget = config.embed.toks_per_batch
     if truncation > model.max_residues:
         raise InputError(f"--truncation {truncation} exceeds {model.name}'s context "
                          f"of {model.max_residues} residues; lower it, or use --long_seqs "

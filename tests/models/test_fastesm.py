@@ -68,7 +68,7 @@ def test_rows_use_the_models_own_context(
     """The 1,100-residue protein is one piece at FastESM2's 2,046 (one ESM2 window would
     be 1,022): rows equal FastPLMs' alone and in its padded batch."""
     loaded = load_model(FOLDER, device="cpu", backend="fastesm")
-    rows = embed_sequences(loaded, sequences, truncation=loaded.max_residues,
+    rows = embed_sequences(loaded, sequences,  # no truncation given: the model's context
                            long_seqs=long_seqs)  # type: ignore[arg-type]
     assert isinstance(rows, torch.Tensor)
     assert (rows - goldens["rows"]).abs().max().item() <= TOLERANCE

@@ -53,7 +53,7 @@ def _interrupt_once_rows_grow(args: list[str], out: Path, sig: signal.Signals) -
 @pytest.mark.slow
 def test_interrupted_three_ways_then_rerun_gives_the_same_file(tmp_path: Path) -> None:
     checkpoint = write_tiny_checkpoint(tmp_path, num_layers=2, embed_dim=64, heads=4)
-    genes = synthetic_genes(90, coding=3, nmd=0, seed=5)
+    genes = synthetic_genes(200, coding=3, nmd=0, seed=5)
     hvg = tmp_path / "hvg.txt"
     hvg.write_text("\n".join(g.symbol for g in genes) + "\n")
     out = tmp_path / "esm_all.pt"
