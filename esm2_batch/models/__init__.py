@@ -39,8 +39,8 @@ from torch import nn
 
 from esm2_batch.errors import ModelError, first_line
 from esm2_batch.models.esm2_fast import FastEncoder, FastESM2
-from esm2_batch.models.esm3 import ESM3Encoder, is_esm3_source, load_esm3
-from esm2_batch.models.esmc import ESMCEncoder, load_esmc
+from esm2_batch.models.esm3 import is_esm3_source, load_esm3
+from esm2_batch.models.esmc import TrunkEncoder, load_esmc
 from esm2_batch.models.esmc_weights import is_esmc_source
 from esm2_batch.models.fair_esm import ReferenceEncoder, build_module, prepare
 from esm2_batch.models.hf_esm2 import (
@@ -402,7 +402,7 @@ def _load_esmc(model: str | os.PathLike[str], device: torch.device,
     module = loaded.to(device=device, dtype=dtype)
     name = Path(str(model)).name.split(".")[0] or str(model)
     return LoadedModel(
-        encoder=ESMCEncoder(module, name, device, dtype), module=module,
+        encoder=TrunkEncoder(module, name, device, dtype), module=module,
         alphabet=esm.data.Alphabet.from_architecture("ESM-1b"), engine="reference",
         backend="esmc", fingerprint=fingerprint)
 
@@ -416,7 +416,7 @@ def _load_esm3(model: str | os.PathLike[str], device: torch.device,
     module = loaded.to(device=device, dtype=dtype)
     name = Path(str(model)).name.split(".")[0] or str(model)
     return LoadedModel(
-        encoder=ESM3Encoder(module, name, device, dtype), module=module,
+        encoder=TrunkEncoder(module, name, device, dtype), module=module,
         alphabet=esm.data.Alphabet.from_architecture("ESM-1b"), engine="reference",
         backend="esm3", fingerprint=fingerprint)
 

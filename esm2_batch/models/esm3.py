@@ -206,37 +206,6 @@ class ESM3(nn.Module):
         return torch.stack([taken[depth] for depth in depths])
 
 
-@dataclass(frozen=True, slots=True)
-class ESM3Encoder:
-    """ESM3 as an `Encoder`: `ESM3`'s states, zeroed at padding."""
-
-    module: ESM3
-    name: str
-    device: torch.device
-    dtype: torch.dtype
-
-    @property
-    def embed_dim(self) -> int:
-        return self.module.embed_dim
-
-    @property
-    def num_layers(self) -> int:
-        return self.module.num_layers
-
-    @property
-    def max_residues(self) -> int:
-        return CONTEXT_TOKENS - 2
-
-    def __call__(self, tokens: Tensor, *, layer: int) -> Tensor:
-        """(B, T) tokens -> (B, T, d) states after `layer` (0 = input embedding)."""
-        states: Tensor = self.module(tokens, layer=layer)
-        return states.masked_fill(tokens.eq(PAD_IDX).unsqueeze(-1), 0.0)
-
-    def states(self, tokens: Tensor, *, layers: tuple[int, ...]) -> Tensor:
-        """(n, B, T, d) states after each of `layers`, from one forward."""
-        states: Tensor = self.module.forward_layers(tokens, layers)
-        return states.masked_fill(tokens.eq(PAD_IDX)[None, :, :, None], 0.0)
-
 
 # --------------------------------------------------------------------------------------
 # Loading

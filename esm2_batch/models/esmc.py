@@ -55,6 +55,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -235,12 +236,23 @@ class ESMC(nn.Module):
         return torch.stack([taken[depth] for depth in depths])
 
 
-@dataclass(frozen=True, slots=True)
-class ESMCEncoder:
-    """ESM C as an `Encoder`: `ESMC`'s states, zeroed at padding as the ESM2 engines do
-    (padded positions are never pooled; zeros make every encoder agree there)."""
+class Trunk(Protocol):
+    """What `TrunkEncoder` needs of a network: ESM C, and ESM3 built on ESM C's blocks."""
 
-    module: ESMC
+    @property
+    def embed_dim(self) -> int: ...
+    @property
+    def num_layers(self) -> int: ...
+    def forward_layers(self, tokens: Tensor, layers: tuple[int, ...]) -> Tensor: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TrunkEncoder:
+    """ESM C or ESM3 as an `Encoder`: the network's states, zeroed at padding as the ESM2
+    engines do (padded positions are never pooled; zeros make every encoder agree there).
+    Both take ESM2's token ids and a 2,048-token context."""
+
+    module: Trunk
     name: str
     device: torch.device
     dtype: torch.dtype
@@ -259,8 +271,7 @@ class ESMCEncoder:
 
     def __call__(self, tokens: Tensor, *, layer: int) -> Tensor:
         """(B, T) tokens -> (B, T, d) states after `layer` (0 = embeddings)."""
-        states: Tensor = self.module(tokens, layer=layer)
-        return states.masked_fill(tokens.eq(PAD_IDX).unsqueeze(-1), 0.0)
+        return self.states(tokens, layers=(layer,))[0]
 
     def states(self, tokens: Tensor, *, layers: tuple[int, ...]) -> Tensor:
         """(n, B, T, d) states after each of `layers`, from one forward."""
