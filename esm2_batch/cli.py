@@ -109,7 +109,8 @@ ReprLayers = Annotated[str | None, _opt(
 Include = Annotated[str | None, _opt(
     "--include", help="Poolers, several at once: mean (default), bos, max, std (per channel "
     "over residues only, no BOS/EOS/padding), e.g. --include mean max. The first at the "
-    "first layer is emb.")]
+    "first layer is emb. per_tok also writes every residue's state per layer to a residue "
+    "store (<out stem>.residues/, FASTA: <stem>_residues/); not with --ray.")]
 RayAddress = Annotated[str | None, _opt(
     "--ray", help="Embed on Ray: 'local' (start one on this machine), 'auto' (join "
     "$RAY_ADDRESS) or a cluster address. Needs the [ray] extra.")]
@@ -217,7 +218,8 @@ def main(
                                dtype=_dtype(dtype)),
             embed=EmbedOptions(toks_per_batch=toks_per_batch, batch_size=batch_size,
                                truncation=truncation, long_seqs=_long_seqs(long_seqs),
-                               repr_layers=_layers(repr_layers), include=_poolers(include)),
+                               repr_layers=_layers(repr_layers), include=_poolers(include),
+                               per_tok=_per_tok(include)),
             stage=StageOptions(ray=ray, ray_actors=ray_actors, progress=not quiet),
             output=OutputOptions(out=out, overwrite=overwrite, save_isoforms=save_isoforms,
                                  write_h5ad=write_h5ad,
@@ -273,7 +275,8 @@ def fasta(
             device=device,
             embed=EmbedOptions(toks_per_batch=toks_per_batch, batch_size=batch_size,
                                truncation=truncation, long_seqs=_long_seqs(long_seqs),
-                               repr_layers=_layers(repr_layers), include=_poolers(include)),
+                               repr_layers=_layers(repr_layers), include=_poolers(include),
+                               per_tok=_per_tok(include)),
             stage=StageOptions(ray=ray, ray_actors=ray_actors, progress=not quiet))
         for r in results:
             state = "skipped (exists)" if r.skipped else f"{r.proteins} proteins"
@@ -389,9 +392,15 @@ def _layers(value: str | None) -> tuple[int, ...]:
 
 
 def _poolers(value: str | None) -> tuple[Literal["mean", "bos", "max", "std"], ...]:
-    """--include "mean,max" -> ("mean", "max"); per_tok is not written yet."""
-    words = [w.strip() for w in (value or "").split(",") if w.strip()]
-    return tuple(_choice(w, ("mean", "bos", "max", "std"), "--include") for w in words)
+    """--include "mean,max,per_tok" -> ("mean", "max"): the poolers (per_tok: `_per_tok`)."""
+    words = [w.strip() for w in (value or "").split(",") if w.strip() != "per_tok"]
+    return tuple(_choice(w, ("mean", "bos", "max", "std"), "--include")
+                 for w in words if w)
+
+
+def _per_tok(value: str | None) -> bool:
+    """Whether --include names per_tok (alone it still writes the pooled file, with mean)."""
+    return "per_tok" in [w.strip() for w in (value or "").split(",")]
 
 
 def _model_name(model_path: Path | None, model_size: str) -> str:

@@ -68,13 +68,17 @@ class Embedded:
     """One input's outcome: its row (float32, CPU) or the error that stopped it.
 
     `row` is the first (pooler, layer) of `EmbedOptions.matrices`; `rows` holds every one
-    of them in that order (``rows[0] is row``), empty on failure."""
+    of them in that order (``rows[0] is row``), empty on failure. With
+    ``EmbedOptions.per_tok``, `residues` holds every residue's state, float32 [L, dim],
+    one per layer in `EmbedOptions.layer_indices` order (BOS, EOS and padding removed:
+    fair-esm's ``representations[layer][i, 1:L+1]``)."""
 
     index: int
     name: str
     row: torch.Tensor | None
     error: EmbeddingError | None = None
     rows: tuple[torch.Tensor, ...] = ()
+    residues: tuple[torch.Tensor, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -395,13 +399,15 @@ class _Pool:
         if self.coverage is None:  # one piece: every pooler reads it directly
             for pooler in self.options.poolers:
                 self.totals[pooler, k] = _pool_residues(pooler, residues, states[0])
+            if self.options.per_tok:
+                self.totals["residues", k] = residues.to("cpu", copy=True)
             return
         weighted = residues / self.coverage[piece.start : piece.end].to(residues.device)
         if "mean" in self.options.poolers:
             self._fold(("mean", k), weighted.sum(0) / self.length)
         if "bos" in self.options.poolers:
             self._fold(("bos", k), states[0].float() / len(self.windows))
-        if RESIDUE_POOLERS.intersection(self.options.poolers):
+        if self.options.per_tok or RESIDUE_POOLERS.intersection(self.options.poolers):
             if ("residues", k) not in self.totals:
                 self.totals["residues", k] = torch.zeros(self.length, weighted.shape[-1])
             self.totals["residues", k][piece.start : piece.end] += weighted.cpu()
@@ -419,6 +425,12 @@ class _Pool:
                 else:
                     rows.append(self.totals[pooler, k])
         return tuple(row.cpu() for row in rows)
+
+    def residue_states(self) -> tuple[torch.Tensor, ...]:
+        """Every layer's [L, E] residue states (per_tok), else ()."""
+        if not self.options.per_tok:
+            return ()
+        return tuple(self.totals["residues", k] for k in range(self.layers))
 
 
 def _pool_residues(pooler: str, residues: torch.Tensor, bos: torch.Tensor | None
@@ -440,12 +452,26 @@ def _finish(model: LoadedModel, job: _Job, item: int, pool: _Pool) -> Iterator[E
     """Check the finished rows once and yield them (or the error) for every input carrying
     the sequence."""
     rows = () if pool.out_of_memory else pool.result()
-    problem = _problem(model, rows, pool)
+    residues = () if pool.out_of_memory else pool.residue_states()
+    problem = _problem(model, rows, pool) or _residue_problem(model, residues, pool)
     for index in job.owners[item]:
         name = job.names[index]
         error = EmbeddingError(f"sequence {name!r}: {problem}", name=name) if problem else None
         yield Embedded(index=index, name=name, row=None if problem else rows[0], error=error,
-                       rows=() if problem else rows)
+                       rows=() if problem else rows, residues=() if problem else residues)
+
+
+def _residue_problem(model: LoadedModel, residues: tuple[torch.Tensor, ...], pool: _Pool
+                     ) -> str:
+    """Why per_tok states cannot be used, or "" (checked as the pooled rows are)."""
+    for states in residues:
+        if tuple(states.shape) != (pool.length, model.embed_dim):
+            return (f"residue states have shape {tuple(states.shape)}, expected "
+                    f"{(pool.length, model.embed_dim)}")
+        if not bool(torch.isfinite(states).all()):
+            return (f"residue states have non-finite values (NaN or Inf) in {model.dtype}; "
+                    f"try dtype float32")
+    return ""
 
 
 def _problem(model: LoadedModel, rows: tuple[torch.Tensor, ...], pool: _Pool) -> str:

@@ -51,6 +51,9 @@ class EmbedOptions:
         left at -1 or equal its first entry.
     include: several poolers at once (see `Pooler`); empty means ``(pooling,)``. When
         given, `pooling` must be left at "mean" or equal its first entry.
+    per_tok: also hand back every residue's state, [L, dim] per layer of `repr_layers`
+        (esm-extract's ``--include per_tok``), beside the pooled rows (`Embedded.residues`):
+        the run's residue store (store/residues.py) writes them; they never change a row.
 
     A row is then one vector per (layer, pooler) pair, in the order of `matrices`: layer
     by layer, each layer's poolers in `include` order; the first is the one-layer,
@@ -65,6 +68,7 @@ class EmbedOptions:
     pooling: Pooling = "mean"
     repr_layers: tuple[int, ...] = ()
     include: tuple[Pooler, ...] = ()
+    per_tok: bool = False
 
     def __post_init__(self) -> None:
         """Lists from Python callers become tuples, so the object stays hashable."""
@@ -117,6 +121,11 @@ class EmbedOptions:
         if self.long_seqs not in get_args(LongSeqs):
             raise InputError(f"long_seqs must be one of {get_args(LongSeqs)}, not "
                              f"{self.long_seqs!r}")
+        if not isinstance(self.per_tok, bool):
+            raise InputError(f"per_tok must be True or False, not {self.per_tok!r}")
+        if self.per_tok and "per_residue" in self.poolers:
+            raise InputError("per_tok and pooling 'per_residue' ask for the same states: "
+                             "give one of them")
         if not _int(self.repr_layer):
             raise InputError(f"repr_layer must be an integer, not {self.repr_layer!r}")
         self._check_lists()

@@ -5,12 +5,18 @@ With several layers or poolers (--repr_layers, --include), 'data' holds the firs
 (e.g. 'data_max_layer20'), in the same protein order; 'matrices' then maps every one of
 these keys to {'pooler', 'layer'}.
 
+With per_tok (``EmbedOptions.per_tok``, ``--include per_tok``) every protein's residue
+states also go to `<stem>_residues/` beside `<stem>_ESM.pt` (store/residues.py), keyed by
+label; the shards keep each pooled row too, so a rerun after a crash embeds only the
+sequences no finished shard holds, and the pooled file is written as usual.
+
 Labels are the first word of each header, in file order. Each file's distinct sequences
 go through the same embedding stage as gene mode (run/stages.py: in this process or on
 Ray), into an in-memory float32 sink, so the rows are the same whichever stage ran them.
-Inputs whose output exists are skipped (rerun to resume a batch of files); sequences or
-files that fail are logged to extraction_failures.log (timestamp | file | id | error)
-and the rest go on. Every output is written atomically.
+Inputs whose output exists (with per_tok: and its residue store) are skipped (rerun
+to resume a batch of files); sequences or files that fail are logged to
+extraction_failures.log (timestamp | file | id | error) and the rest go on.
+Every output is written atomically.
 """
 
 from __future__ import annotations
@@ -29,17 +35,18 @@ from esm2_batch.embedding.embed import clean_sequence
 from esm2_batch.embedding.options import EmbedOptions, matrix_name
 from esm2_batch.errors import InputError, StoreError
 from esm2_batch.models import LoadedModel
-from esm2_batch.run.stages import MemorySink, StageOptions, make_stage
+from esm2_batch.run.stages import MemorySink, StageOptions, check_per_tok, make_stage
 from esm2_batch.sources.fasta import read_fasta
 from esm2_batch.store.atomic import atomic_save
-from esm2_batch.store.keys import RowKeys
+from esm2_batch.store.keys import RowKeys, settings_scope
+from esm2_batch.store.residues import INDEX_FILE, ResidueWriter, check_residue_settings
 
-__all__ = ["FAILURE_LOG", "FastaResult", "fasta_output", "run_fasta"]
+__all__ = ["FAILURE_LOG", "FastaResult", "fasta_output", "fasta_settings", "residues_dir",
+           "run_fasta"]
 
 log = logging.getLogger("esm2_batch")
 
 FAILURE_LOG = "extraction_failures.log"
-_KEYS = RowKeys("fasta")  # rows live in memory for one call of one model: no reuse to guard
 
 
 @dataclass
@@ -61,6 +68,22 @@ def fasta_output(source: Path, out_dir: Path | None) -> Path:
     return (out_dir or source.parent) / f"{name}_ESM.pt"
 
 
+def residues_dir(out: Path) -> Path:
+    """<stem>_ESM.pt -> <stem>_residues/: the per_tok store beside the pooled file."""
+    return out.with_name(out.name.removesuffix("_ESM.pt") + "_residues")
+
+
+def fasta_settings(model: LoadedModel, options: EmbedOptions) -> dict[str, Any]:
+    """What a FASTA-mode row and residue state depend on (a residue store made with
+    other settings is refused; see store/keys.py for why the weights' fingerprint)."""
+    return {"model": model.name, "weights": model.fingerprint, "backend": model.backend,
+            "compute_dtype": str(model.dtype).removeprefix("torch."),
+            "embed_dim": model.embed_dim, "num_layers": model.num_layers,
+            "matrices": [matrix_name(m) for m in options.matrices(
+                name=model.name, num_layers=model.num_layers)],
+            "truncation": options.cut, "long_seqs": options.long_seqs}
+
+
 def run_fasta(inputs: Sequence[Path], *, model: LoadedModel, out_dir: Path | None = None,
               overwrite: bool = False, embed: EmbedOptions | None = None,
               stage: StageOptions | None = None, model_source: str | None = None,
@@ -70,21 +93,37 @@ def run_fasta(inputs: Sequence[Path], *, model: LoadedModel, out_dir: Path | Non
     if out_dir is not None and not out_dir.is_dir():
         raise StoreError(f"{out_dir}: no such output directory; create it first")
     options = (embed or EmbedOptions()).for_model(model.max_residues)
-    job = _FastaJob(model, options, stage or StageOptions(), model_source or model.name,
-                    device)
-    job.options.check(name=model.name, num_layers=model.num_layers,
-                      max_residues=model.max_residues)
+    options.check(name=model.name, num_layers=model.num_layers,
+                  max_residues=model.max_residues)
+    stage = stage or StageOptions()
+    check_per_tok(options, stage)
+    settings = fasta_settings(model, options)
+    job = _FastaJob(model, options, stage, model_source or model.name, device, settings,
+                    RowKeys(settings_scope(settings)), overwrite)
+    outputs = [fasta_output(source, out_dir) for source in inputs]
+    if options.per_tok and not overwrite:  # another model's store: refused before any work
+        for out in outputs:
+            if not _done(out, options):
+                check_residue_settings(residues_dir(out), settings)
     results = []
-    for source in tqdm(inputs, desc="FASTA files", unit="file",
-                       disable=None if job.stage.progress else True):
-        result = FastaResult(source, fasta_output(source, out_dir))
-        if result.out.exists() and not overwrite:
+    for source, out in tqdm(list(zip(inputs, outputs, strict=True)), desc="FASTA files",
+                            unit="file", disable=None if job.stage.progress else True):
+        result = FastaResult(source, out)
+        if _done(result.out, options) and not overwrite:
             result.skipped = True
             log.info("%s: exists, skipping %s", result.out, source)
         else:
             job.embed_file(result)
         results.append(result)
     return results
+
+
+def _done(out: Path, options: EmbedOptions) -> bool:
+    """Whether an input's outputs exist: its _ESM.pt, and with per_tok its residue store
+    (a file embedded earlier without per_tok is embedded again, to fill the store)."""
+    if not out.exists():
+        return False
+    return not options.per_tok or (residues_dir(out) / INDEX_FILE).is_file()
 
 
 @dataclass(frozen=True)
@@ -96,6 +135,9 @@ class _FastaJob:
     stage: StageOptions
     model_source: str
     device: str | None
+    settings: dict[str, Any]
+    keys: RowKeys
+    overwrite: bool
 
     def embed_file(self, result: FastaResult) -> None:
         try:
@@ -105,9 +147,10 @@ class _FastaJob:
             result.failed = 1
             return
         valid, failures = _clean(records)
-        rows, failed = self._embed(valid)
+        rows, failed = self._embed(valid, residues_dir(result.out))
         failures += failed
-        kept = [(label, rows[_KEYS.of(seq)]) for label, seq in valid if _KEYS.of(seq) in rows]
+        keys = self.keys
+        kept = [(label, rows[keys.of(seq)]) for label, seq in valid if keys.of(seq) in rows]
         atomic_save(self._output([label for label, _ in kept], [row for _, row in kept]),
                     result.out)
         result.proteins, result.failed = len(kept), len(failures)
@@ -128,19 +171,37 @@ class _FastaJob:
                                 for key, (pooler, layer) in zip(keys, matrices, strict=True)}
         return data
 
-    def _embed(self, valid: list[tuple[str, str]]
+    def _embed(self, valid: list[tuple[str, str]], residues: Path
                ) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
-        """Rows by sequence key (float32) and (label, error) of what failed."""
-        sink = MemorySink()
-        stage = make_stage(self.model, sink, self.options, self.stage, keys=_KEYS,
-                           model_source=self.model_source, device=self.device)
-        stage.start()
+        """Rows by sequence key (float32) and (label, error) of what failed; with per_tok
+        the residue store at `residues` is filled (and its kept rows reused) as well."""
+        writer = self._residue_writer(residues)
+        sink = MemorySink(writer.stored_rows() if writer is not None else {})
+        stage = make_stage(self.model, sink, self.options, self.stage, keys=self.keys,
+                           model_source=self.model_source, device=self.device,
+                           residues=writer)
         try:
-            stage.submit(valid)
-            stage.finish()
+            stage.start()
+            try:
+                stage.submit(valid)
+                stage.finish()
+            finally:
+                stage.stop()
+            if writer is not None:
+                writer.link({label: self.keys.of(seq) for label, seq in valid})
         finally:
-            stage.stop()
+            if writer is not None:  # on errors too: finished shards stay for a rerun
+                writer.close()
         return sink.rows, [(name, error) for name, error in stage.failed.values()]
+
+    def _residue_writer(self, directory: Path) -> ResidueWriter | None:
+        if not self.options.per_tok:
+            return None
+        layers = self.options.layer_indices(name=self.model.name,
+                                            num_layers=self.model.num_layers)
+        return ResidueWriter(directory, self.settings, layers=layers,
+                             dim=self.model.embed_dim, overwrite=self.overwrite,
+                             keep_rows=True)
 
 
 def _clean(records: list[tuple[str, str]]) -> tuple[list[tuple[str, str]],

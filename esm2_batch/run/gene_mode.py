@@ -8,6 +8,12 @@
     at the end: esm_all.pt assembled in input order, written to a temporary name and
     renamed; the side files (run/reports.py) beside it; the partial directory removed.
 
+With per_tok (``--include per_tok``) every protein's residue states also go to the
+residue store `<out stem>.residues/` (store/residues.py), keyed by protein id; it stays
+after success and meta["residues"] names it. A sequence counts as done only when both its
+row and its states are stored, so a rerun after kill -9 continues from the last finished
+shard.
+
 Resume: a rerun with the same settings skips genes already in isoforms.jsonl and
 sequences already in a chunk; a rerun after success with a longer list reuses the rows
 of the existing esm_all.pt when its recorded settings match, and fetches and embeds only
@@ -37,7 +43,7 @@ from esm2_batch.models import LoadedModel
 from esm2_batch.records import GeneIsoforms, settled_status
 from esm2_batch.run.config import RunConfig
 from esm2_batch.run.reports import RunSummary, synonym_note, write_side_files
-from esm2_batch.run.stages import EmbedStage, make_stage
+from esm2_batch.run.stages import EmbedStage, check_per_tok, make_stage
 from esm2_batch.sources.base import IsoformSource, open_source
 from esm2_batch.sources.gene_lists import GeneList, dedupe, merge_spellings, read_gene_list
 from esm2_batch.sources.h5ad_genes import H5adGenes, read_h5ad_genes
@@ -52,9 +58,10 @@ from esm2_batch.store.esm_file import (
 )
 from esm2_batch.store.keys import RowKeys, settings_scope
 from esm2_batch.store.partial import PartialStore, describe_difference
+from esm2_batch.store.residues import ResidueWriter
 from esm2_batch.version import package_version
 
-__all__ = ["matrix_keys", "partial_dir", "run", "run_settings"]
+__all__ = ["matrix_keys", "partial_dir", "residues_path", "run", "run_settings"]
 
 
 def run(config: RunConfig, *, model: LoadedModel | None = None) -> RunSummary:
@@ -70,6 +77,11 @@ def run(config: RunConfig, *, model: LoadedModel | None = None) -> RunSummary:
 def partial_dir(out: Path) -> Path:
     """Where an unfinished run keeps its work: <out>.partial/."""
     return out.with_name(out.name + ".partial")
+
+
+def residues_path(out: Path) -> Path:
+    """Where per_tok states go: <out stem>.residues/ (esm_all.pt -> esm_all.residues/)."""
+    return out.with_name(out.stem + ".residues")
 
 
 def run_settings(config: RunConfig, model: LoadedModel) -> dict[str, Any]:
@@ -133,6 +145,7 @@ class GeneRun:
         self.config = config
         self.started = time.perf_counter()
         config.embed.check_values()
+        check_per_tok(config.embed, config.stage)
         self.source = open_source(config.source)
         self.genes = Genes.read(config, self.source)
         _check_outputs(config, self.genes)
@@ -147,10 +160,38 @@ class GeneRun:
         self.reused = _reusable(config, self.settings)
         self.store = PartialStore(partial_dir(config.out), self.settings,
                                   overwrite=config.output.overwrite)
+        try:
+            self.residues = self._residue_writer()
+        except BaseException:
+            self.store.close()
+            raise
         self.records = self.store.cached_genes()
         self.summary = RunSummary(out=config.out, genes_in=len(self.genes.genes.genes),
                                   duplicates=list(self.genes.genes.duplicates),
                                   notes=self._notes())
+
+    def _residue_writer(self) -> ResidueWriter | None:
+        """The per_tok store (other settings: one StoreError line, before any work). An
+        esm_all.pt whose rows are reused must have its proteins' states there already."""
+        if not self.config.embed.per_tok:
+            return None
+        model, out = self.model, self.config.out
+        writer = ResidueWriter(
+            residues_path(out), self.settings, dim=model.embed_dim,
+            layers=self.config.embed.layer_indices(name=model.name,
+                                                   num_layers=model.num_layers),
+            overwrite=self.config.output.overwrite)
+        if self.reused is not None:
+            reused = self.reused
+            wanted = {reused.protein_ids[i] for q in self.genes.genes.genes
+                      for i in reused.rows_of(q)}
+            missing = wanted - writer.proteins
+            if missing:
+                raise StoreError(f"{out}: its rows would be reused, but {writer.directory} "
+                                 f"lacks the residue states of {len(missing)} of its "
+                                 "proteins (made without per_tok?); pass --overwrite to "
+                                 "embed every gene again")
+        return writer
 
     def _load_model(self) -> LoadedModel:
         """The model; when it cannot be loaded and the isoform source cannot be reached
@@ -174,7 +215,7 @@ class GeneRun:
     def execute(self) -> RunSummary:
         stage = make_stage(self.model, self.store, self.config.embed, self.config.stage,
                            keys=self.keys, model_source=self.config.model.model,
-                           device=self.config.model.device)
+                           device=self.config.model.device, residues=self.residues)
         stage.start()
         try:
             for query in self.genes.genes.genes:
@@ -188,6 +229,8 @@ class GeneRun:
                 self.store.record_provenance(engines=[self.model.engine])
         finally:
             stage.stop()
+            if self.residues is not None:  # finished proteins' states survive an error
+                self.residues.close()
         self._finish(stage)
         self.summary.wall_s = time.perf_counter() - self.started
         return self.summary
@@ -241,6 +284,10 @@ class GeneRun:
         resolved = {q: _without(self.records[q], failed, self.keys)
                     for q in self.genes.genes.genes if q in self.records}
         chosen = {q: resolved[q] for q in genes if q in resolved}
+        if self.residues is not None:  # every protein id of a stored sequence
+            self.residues.link({iso.protein_id: self.keys.of(iso.sequence)
+                                for gene in resolved.values() for iso in gene.isoforms})
+            self.residues.close()
         self.summary.count(genes, chosen, self.reused, stage)
         if note := synonym_note(chosen.values()):  # SEPT5 -> SEPTIN5, ...
             self.summary.notes.append(note)
@@ -318,8 +365,17 @@ class GeneRun:
             "symbols": symbols, **self._source_meta(old), "versions": _versions(),
             "matrices": {key: {"pooler": pooler, "layer": layer}  # every matrix, emb first
                          for key, (pooler, layer) in self.matrices.items()},
+            **self._residues_meta(),
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
+
+    def _residues_meta(self) -> dict[str, Any]:
+        """meta["residues"]: the per_tok store's directory (relative to the file's) and
+        layers; absent without per_tok."""
+        if self.residues is None:
+            return {}
+        return {"residues": {"path": self.residues.directory.name,
+                             "layers": list(self.residues.layers)}}
 
     def _source_meta(self, old: dict[str, Any]) -> dict[str, Any]:
         """Where the isoforms came from (REST URL and release, FTP files or a FASTA)."""

@@ -65,6 +65,19 @@ class MemorySink:
         return set(self.rows)
 
 
+class ResidueSink(Protocol):
+    """Where per_tok states go (store.residues.ResidueWriter): by sequence key, with the
+    protein id they were embedded for."""
+
+    def add(self, key: str, protein_id: str, residues: Sequence[torch.Tensor],
+            row: torch.Tensor | None = None) -> None:
+        """Keep one sequence's [L, dim] states, one per layer (`row`: its pooled row,
+        for a sink that keeps it too)."""
+
+    def stored_keys(self) -> set[str]:
+        """Keys whose states are already held: with the sink's, never embedded again."""
+
+
 class EmbedStage(Protocol):
     """What an orchestrator drives; it never asks which implementation it holds."""
 
@@ -162,8 +175,12 @@ class ThreadStage(PendingSequences, threading.Thread):
     _CLOSE: Sequence[Named] = (("", ""),)  # a sentinel no caller can submit (empty names)
 
     def __init__(self, model: LoadedModel, sink: RowSink, options: EmbedOptions, *,
-                 keys: RowKeys, progress: bool, queue_items: int = 256) -> None:
+                 keys: RowKeys, progress: bool, queue_items: int = 256,
+                 residues: ResidueSink | None = None) -> None:
         PendingSequences.__init__(self, model, sink, options, keys=keys, progress=progress)
+        self.residues = residues
+        if residues is not None:  # a row without its stored states is embedded again
+            self.done &= residues.stored_keys()
         threading.Thread.__init__(self, name="esm2-embed", daemon=True)
         self.queue: queue.Queue[Sequence[Named]] = queue.Queue(maxsize=queue_items)
         self.error: BaseException | None = None
@@ -250,6 +267,8 @@ class ThreadStage(PendingSequences, threading.Thread):
                 self._fail(key, name, str(result.error), len(sequence))
             else:
                 batch.add(key, result.packed, len(sequence))
+                if self.residues is not None:
+                    self.residues.add(key, name, result.residues, result.packed)
         batch.flush()
         self.busy_s += time.perf_counter() - started
 
@@ -290,14 +309,27 @@ class StageOptions:
 
 def make_stage(model: LoadedModel, sink: RowSink, options: EmbedOptions,
                stage: StageOptions, *, keys: RowKeys, model_source: str,
-               device: str | None) -> EmbedStage:
+               device: str | None, residues: ResidueSink | None = None) -> EmbedStage:
     """The stage `stage` asks for. A Ray actor loads `model_source` (a size, a name or a
     checkpoint path) on `device` as the user gave it (None: a GPU where the cluster has
-    one), with the engine and backend `model` was loaded with."""
+    one), with the engine and backend `model` was loaded with. `residues` (per_tok) is
+    written by this process only (see `check_per_tok`)."""
     if stage.ray is None:
         return ThreadStage(model, sink, options, keys=keys, progress=stage.progress,
-                           queue_items=stage.queue_items)
+                           queue_items=stage.queue_items, residues=residues)
+    check_per_tok(options, stage)
     from esm2_batch.run.ray_stage import RayStage  # Ray is an optional extra
 
     return RayStage(model, sink, options, stage, keys=keys, model_source=model_source,
                     device=device)
+
+
+def check_per_tok(options: EmbedOptions, stage: StageOptions) -> None:
+    """per_tok with --ray is refused before anything runs: [L, dim] states per protein are
+    ~1,000x a pooled row, too much to ship back to the driver, and actors writing shards
+    themselves need an output directory every node shares, which cannot be checked
+    from here. Run per_tok without --ray (one GPU per process)."""
+    if options.per_tok and stage.ray is not None:
+        raise InputError("--include per_tok cannot run with --ray yet: the residue store "
+                         "is written by this process and the states of every protein "
+                         "would cross the cluster; drop --ray (or per_tok)")
