@@ -252,6 +252,12 @@ def fasta(
     long_seqs: LongSeqsOpt = "truncate",
     repr_layers: ReprLayers = None,
     include: Include = None,
+    per_file: Annotated[Path | None, _opt(
+        "--per_file", help="Also write one <label>.pt per protein into this directory "
+        "(implies --include per_tok; existing files are skipped).")] = None,
+    per_file_format: Annotated[str, _opt(
+        "--per_file_format", help="tensor (the [L, dim] float32 states of the first layer) "
+        "or esm-extract ({label, representations, mean_representations}).")] = "tensor",
     overwrite: Overwrite = False,
     ray: RayAddress = None,
     ray_actors: RayActors = None,
@@ -268,11 +274,15 @@ def fasta(
         from esm2_batch.run.stages import StageOptions
 
         source = _model_name(model_path, model_size)
+        if per_file is not None:  # a bad flag is one line before the model loads
+            from esm2_batch.outputs.per_file import check_per_file_dir
+
+            check_per_file_dir(per_file, per_file_format)
         model = ModelOptions(model=source, device=device, engine=_engine(engine),
                              backend=backend, dtype=_dtype(dtype)).load()
         results = run_fasta(
             inputs, model=model, out_dir=out_dir, overwrite=overwrite, model_source=source,
-            device=device,
+            device=device, per_file=per_file, per_file_format=per_file_format,
             embed=EmbedOptions(toks_per_batch=toks_per_batch, batch_size=batch_size,
                                truncation=truncation, long_seqs=_long_seqs(long_seqs),
                                repr_layers=_layers(repr_layers), include=_poolers(include),
@@ -282,17 +292,27 @@ def fasta(
             state = "skipped (exists)" if r.skipped else f"{r.proteins} proteins"
             failed = f", {r.failed} failed (see extraction_failures.log)" if r.failed else ""
             _say(f"{r.source} -> {r.out}: {state}{failed}", quiet)
+            if per_file is not None:
+                _say(f"  {per_file}: {r.per_file_written} <label>.pt written, "
+                     f"{r.per_file_skipped} existed", quiet)
 
     _guarded(work)
 
 
 @app.command("export")
 def export(
-    esm_file: Annotated[Path, typer.Argument(help="An esm_all.pt written by esm2-batch.")],
-    out: Annotated[Path, _opt("--out", help="Output file (.pt, .npz or .parquet).")],
+    esm_file: Annotated[Path, typer.Argument(help="An esm_all.pt written by esm2-batch, or "
+                                             "(--format h5) a residue store directory.")],
+    out: Annotated[Path, _opt("--out", help="Output file (.pt, .npz, .parquet or .h5).")],
     fmt: Annotated[str | None, _opt(
-        "--format", help="saturn ({SYMBOL: tensor}, as SATURN and UCE read), npz or parquet "
-        "(default: from --out's suffix).")] = None,
+        "--format", help="saturn ({SYMBOL: tensor}, as SATURN and UCE read), npz, parquet "
+        "or h5 (one dataset per protein id; default: from --out's suffix).")] = None,
+    h5_dtype: Annotated[str | None, _opt(
+        "--h5_dtype", help="h5: float16 or float32 (default: float16 for a residue store, "
+        "float32 for esm_all.pt).")] = None,
+    layer: Annotated[int | None, _opt(
+        "--layer", help="h5 from a residue store: the stored layer (default: the first)."
+    )] = None,
     gene_pooling: GenePooling = "canonical",
     include_missing: Annotated[bool, _opt(
         "--include_missing", help="npz/parquet: keep genes without protein as zero rows."
@@ -301,11 +321,21 @@ def export(
                              "meta['matrices'], e.g. emb_max_layer20.")] = "emb",
     quiet: Quiet = False,
 ) -> None:
-    """Write one vector per gene of an esm_all.pt for SATURN/UCE or non-torch users."""
+    """Write one vector per gene of an esm_all.pt for SATURN/UCE or non-torch users,
+    or (--format h5) a residue store or esm_all.pt as one HDF5 dataset per protein id."""
 
     def work() -> None:
         from esm2_batch.outputs.export import export_genes
+        from esm2_batch.outputs.h5 import export_h5
 
+        if fmt == "h5" or (fmt is None and out.suffix.lower() in (".h5", ".hdf5")):
+            for line in export_h5(esm_file, out, dtype=h5_dtype, layer=layer,
+                                  key=key).lines():
+                _say(line, quiet)
+            return
+        if esm_file.is_dir():
+            raise InputError(f"{esm_file}: a directory (a residue store?) exports only as "
+                             "--format h5")
         result = export_genes(esm_file, fmt=fmt, gene_pooling=_gene_pooling(gene_pooling),
                               out=out, include_missing=include_missing, key=key)
         for line in result.lines():

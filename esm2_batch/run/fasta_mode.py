@@ -9,6 +9,8 @@ With per_tok (``EmbedOptions.per_tok``, ``--include per_tok``) every protein's r
 states also go to `<stem>_residues/` beside `<stem>_ESM.pt` (store/residues.py), keyed by
 label; the shards keep each pooled row too, so a rerun after a crash embeds only the
 sequences no finished shard holds, and the pooled file is written as usual.
+`per_file=DIR` (implies per_tok) then also writes one `<label>.pt` per protein of each
+input's store into DIR (outputs/per_file.py), skipping files that exist.
 
 Labels are the first word of each header, in file order. Each file's distinct sequences
 go through the same embedding stage as gene mode (run/stages.py: in this process or on
@@ -21,6 +23,7 @@ Every output is written atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Sequence
@@ -35,11 +38,17 @@ from esm2_batch.embedding.embed import clean_sequence
 from esm2_batch.embedding.options import EmbedOptions, matrix_name
 from esm2_batch.errors import InputError, StoreError
 from esm2_batch.models import LoadedModel
+from esm2_batch.outputs.per_file import check_per_file_dir, write_per_file
 from esm2_batch.run.stages import MemorySink, StageOptions, check_per_tok, make_stage
 from esm2_batch.sources.fasta import read_fasta
 from esm2_batch.store.atomic import atomic_save
 from esm2_batch.store.keys import RowKeys, settings_scope
-from esm2_batch.store.residues import INDEX_FILE, ResidueWriter, check_residue_settings
+from esm2_batch.store.residues import (
+    INDEX_FILE,
+    ResidueWriter,
+    check_residue_settings,
+    open_residues,
+)
 
 __all__ = ["FAILURE_LOG", "FastaResult", "fasta_output", "fasta_settings", "residues_dir",
            "run_fasta"]
@@ -58,6 +67,8 @@ class FastaResult:
     proteins: int = 0
     failed: int = 0
     skipped: bool = False
+    per_file_written: int = 0
+    per_file_skipped: int = 0
 
 
 def fasta_output(source: Path, out_dir: Path | None) -> Path:
@@ -87,12 +98,18 @@ def fasta_settings(model: LoadedModel, options: EmbedOptions) -> dict[str, Any]:
 def run_fasta(inputs: Sequence[Path], *, model: LoadedModel, out_dir: Path | None = None,
               overwrite: bool = False, embed: EmbedOptions | None = None,
               stage: StageOptions | None = None, model_source: str | None = None,
-              device: str | None = None) -> list[FastaResult]:
+              device: str | None = None, per_file: Path | None = None,
+              per_file_format: str = "tensor") -> list[FastaResult]:
     """Embed each FASTA file (see the module docstring); Ray actors load `model_source`
-    (default: the model's name) on `device` (default: a GPU where the cluster has one)."""
+    (default: the model's name) on `device` (default: a GPU where the cluster has one).
+    `per_file` (a directory; implies per_tok) also gets one `<label>.pt` per protein, in
+    `per_file_format` "tensor" or "esm-extract" (outputs/per_file.py)."""
     if out_dir is not None and not out_dir.is_dir():
         raise StoreError(f"{out_dir}: no such output directory; create it first")
     options = (embed or EmbedOptions()).for_model(model.max_residues)
+    if per_file is not None:
+        check_per_file_dir(per_file, per_file_format)
+        options = dataclasses.replace(options, per_tok=True)
     options.check(name=model.name, num_layers=model.num_layers,
                   max_residues=model.max_residues)
     stage = stage or StageOptions()
@@ -114,6 +131,12 @@ def run_fasta(inputs: Sequence[Path], *, model: LoadedModel, out_dir: Path | Non
             log.info("%s: exists, skipping %s", result.out, source)
         else:
             job.embed_file(result)
+        store = residues_dir(result.out)
+        if per_file is not None and (store / INDEX_FILE).is_file():
+            written = write_per_file(open_residues(store), per_file, per_file_format,
+                                     overwrite=overwrite)
+            result.per_file_written, result.per_file_skipped = (written.written,
+                                                                written.skipped)
         results.append(result)
     return results
 

@@ -214,6 +214,11 @@ class ResidueStore(Mapping[str, torch.Tensor]):
         return list(self._index["layers"])
 
     @property
+    def dim(self) -> int:
+        """The width of every stored state."""
+        return int(self._index["dim"])
+
+    @property
     def settings(self) -> dict[str, Any]:
         """What the states depend on (model, weights fingerprint, truncation, ...)."""
         return dict(self._index["settings"])
