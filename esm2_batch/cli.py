@@ -3,22 +3,51 @@
 Thin on purpose: every behaviour lives in the library, so what the CLI does, Python
 callers can do too. Flags use the seed's underscore spellings; dash spellings work too.
 Exit codes: 0 done, 2 bad input or flag, 3 Ensembl, 4 model, 5 embedding, 6 output or
-resume state, 130 interrupted.
+resume state, 130 interrupted, 143 terminated. The flags themselves are in cli_flags.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any
 
 import typer
 
+from esm2_batch.cli_flags import (
+    BackendOpt,
+    BatchSize,
+    Device,
+    DtypeOpt,
+    EngineOpt,
+    GenePooling,
+    Include,
+    LongSeqsOpt,
+    ModelPath,
+    ModelSize,
+    Overwrite,
+    Quiet,
+    RayActors,
+    RayAddress,
+    ReprLayers,
+    Toks,
+    Truncation,
+    Verbose,
+    join_list_flags,
+    option,
+    parse_biotypes,
+    parse_dtype,
+    parse_engine,
+    parse_gene_pooling,
+    parse_layers,
+    parse_long_seqs,
+    parse_per_tok,
+    parse_poolers,
+)
 from esm2_batch.errors import (
     EmbeddingError,
     EnsemblError,
@@ -28,29 +57,6 @@ from esm2_batch.errors import (
     ModelError,
     StoreError,
 )
-
-_POOLER_WORD = r"mean|bos|max|std|per_tok"
-LIST_FLAGS = {"--repr_layers": r"-?\d+", "--repr-layers": r"-?\d+",
-              "--include": _POOLER_WORD}
-"""Flags that take several space-separated values, as esm-extract's (nargs='+'), and the
-pattern a following word must match to be one of them (a file name never is)."""
-
-
-def join_list_flags(args: list[str]) -> list[str]:
-    """`--repr_layers 20 -1` -> `--repr_layers 20,-1`: click options take one value each
-    (and would read -1 as a flag), so the words after a list flag are joined first."""
-    out: list[str] = []
-    pattern: str | None = None  # set while the words after a list flag are read
-    for arg in args:
-        if pattern is not None and re.fullmatch(pattern, arg):
-            if out[-1] in LIST_FLAGS:
-                out.append(arg)  # the first value
-            else:
-                out[-1] = f"{out[-1]},{arg}"
-            continue
-        pattern = LIST_FLAGS.get(arg)
-        out.append(arg)
-    return out
 
 
 class _Group(typer.core.TyperGroup):
@@ -67,61 +73,6 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions
 
 EXIT_CODES: tuple[tuple[type[Esm2BatchError], int], ...] = (
     (InputError, 2), (EnsemblError, 3), (ModelError, 4), (EmbeddingError, 5), (StoreError, 6))
-MODEL_SIZES = ("8M", "35M", "150M", "650M", "3B", "15B")
-
-
-def _opt(*names: str, help: str, **kw: object) -> typer.models.OptionInfo:
-    """An option with its dash spelling added: --hvg_file also answers to --hvg-file."""
-    dashed = [n.replace("_", "-") for n in names if n.startswith("--") and "_" in n]
-    option: typer.models.OptionInfo = typer.Option(
-        *names, *dashed, help=help, **kw)  # type: ignore[arg-type]  # typer types **kw loosely
-    return option
-
-
-Verbose = Annotated[int, typer.Option("-v", "--verbose", count=True, help="More log output.")]
-Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Only errors; no progress bars.")]
-ModelSize = Annotated[str, _opt("--model_size", help=f"ESM2 size: {', '.join(MODEL_SIZES)}.")]
-ModelPath = Annotated[Path | None, _opt(
-    "--model_path", help="A local ESM2 checkpoint in fair-esm's layout (instead of the size; "
-    "works offline).")]
-EngineOpt = Annotated[str, _opt("--engine", help="fast (the project's ESM2 forward) or "
-                                "reference (fair-esm's own; rows agree within 1e-5).")]
-BackendOpt = Annotated[str, _opt(
-    "--backend", help="auto (from --model_size/--model_path), fair-esm, hf (ESM2 in the "
-    "Hugging Face layout: a folder or a hub id in the local HF cache), fastesm (Synthyra's "
-    "FastESM2), esmc (ESM C) or esm3 (ESM3's sequence track).")]
-Device = Annotated[str | None, _opt("--device", help="cuda or cpu (default: cuda if available).")]
-DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
-DtypeOpt = Annotated[str, _opt("--dtype", help="Compute precision: auto (fp16 on CUDA, fp32 "
-                               "on CPU), fp16, bf16 or fp32. Rows are stored as float16.")]
-BatchSize = Annotated[int | None, _opt("--batch_size", help="Max sequences per batch.")]
-Toks = Annotated[int, _opt("--toks_per_batch", help="Token budget per batch (padded, incl. "
-                           "BOS/EOS).")]
-Truncation = Annotated[int | None, _opt(
-    "--truncation", help="Residues kept per sequence (default: the model's context, 1022 for "
-    "ESM2, 2046 for FastESM2, ESM C and ESM3).")]
-LongSeqsOpt = Annotated[str, _opt("--long_seqs", help="truncate (first --truncation residues) "
-                                  "or window (overlapping windows over the whole protein).")]
-ReprLayers = Annotated[str | None, _opt(
-    "--repr_layers", help="Layers to pool, as esm-extract's: several at once (one forward), "
-    "negative counts from the end (default -1, the last), e.g. --repr_layers 20 -1. The "
-    "first goes to emb (FASTA: data); the others to emb_<pooler>_layer<L> (data_...).")]
-Include = Annotated[str | None, _opt(
-    "--include", help="Poolers, several at once: mean (default), bos, max, std (per channel "
-    "over residues only, no BOS/EOS/padding), e.g. --include mean max. The first at the "
-    "first layer is emb. per_tok also writes every residue's state per layer to a residue "
-    "store (<out stem>.residues/, FASTA: <stem>_residues/); not with --ray.")]
-RayAddress = Annotated[str | None, _opt(
-    "--ray", help="Embed on Ray: 'local' (start one on this machine), 'auto' (join "
-    "$RAY_ADDRESS) or a cluster address. Needs the [ray] extra.")]
-RayActors = Annotated[int | None, _opt("--ray_actors", help="Ray actors (default: one per "
-                                       "GPU, or CPUs / 2).")]
-GenePooling = Annotated[str, _opt("--gene_pooling", help="One vector per gene: canonical "
-                                  "(the canonical isoform) or mean (all isoforms).")]
-Overwrite = Annotated[bool, _opt("--overwrite", help="Replace an existing output or an "
-                                 "unfinished run with other settings.")]
-
-
 def _print_version(value: bool) -> None:
     if value:
         from esm2_batch.version import package_version
@@ -136,10 +87,10 @@ def main(
     version: Annotated[bool, typer.Option(
         "--version", callback=_print_version, is_eager=True,
         help="Print the version and exit.")] = False,
-    hvg_file: Annotated[Path | None, _opt(
+    hvg_file: Annotated[Path | None, option(
         "--hvg_file", help="Gene list: one symbol or Ensembl gene ID per line ('#' comments "
         "ok), or a CSV/TSV with a gene column.")] = None,
-    out: Annotated[Path, _opt("--out", help="Output file.")] = Path("esm_all.pt"),
+    out: Annotated[Path, option("--out", help="Output file.")] = Path("esm_all.pt"),
     model_size: ModelSize = "650M",
     model_path: ModelPath = None,
     device: Device = None,
@@ -148,47 +99,47 @@ def main(
     dtype: DtypeOpt = "auto",
     batch_size: BatchSize = None,
     toks_per_batch: Toks = 4096,
-    parallel_workers: Annotated[int, _opt("--parallel_workers",
+    parallel_workers: Annotated[int, option("--parallel_workers",
                                           help="Ensembl requests in flight.")] = 10,
-    rate_limit: Annotated[float, _opt("--rate_limit", help="Ensembl requests per second "
+    rate_limit: Annotated[float, option("--rate_limit", help="Ensembl requests per second "
                                       "(Ensembl allows 15 per IP).")] = 10.0,
-    species: Annotated[str, _opt("--species", help="Ensembl species name.")] = "homo_sapiens",
-    ensembl_url: Annotated[str | None, _opt(
+    species: Annotated[str, option("--species", help="Ensembl species name.")] = "homo_sapiens",
+    ensembl_url: Annotated[str | None, option(
         "--ensembl_url", help="Ensembl REST base URL (default $ENSEMBL_REST_URL, else "
         "https://rest.ensembl.org).")] = None,
-    biotypes: Annotated[str, _opt("--biotypes", help="Comma-separated transcript biotypes "
+    biotypes: Annotated[str, option("--biotypes", help="Comma-separated transcript biotypes "
                                   "whose proteins count.")] = "protein_coding",
     truncation: Truncation = None,
     long_seqs: LongSeqsOpt = "truncate",
     repr_layers: ReprLayers = None,
     include: Include = None,
-    isoforms: Annotated[Path | None, _opt(
+    isoforms: Annotated[Path | None, option(
         "--isoforms", help="Skip Ensembl: a FASTA as written by --save_isoforms.")] = None,
-    save_isoforms: Annotated[Path | None, _opt(
+    save_isoforms: Annotated[Path | None, option(
         "--save_isoforms", help="Also write the fetched isoforms as FASTA.")] = None,
     overwrite: Overwrite = False,
     ray: RayAddress = None,
     ray_actors: RayActors = None,
-    id_column: Annotated[str | None, _opt(
+    id_column: Annotated[str | None, option(
         "--id_column", help=".h5ad input: the var column with the genes (default: "
         "gene_ids, an Ensembl-ID index, else var_names).")] = None,
-    write_h5ad: Annotated[Path | None, _opt(
+    write_h5ad: Annotated[Path | None, option(
         "--write_h5ad", help=".h5ad input: write a copy with varm['X_esm2'] and "
         "var['esm2_*'] columns.")] = None,
     gene_pooling: GenePooling = "canonical",
-    strict: Annotated[bool, _opt(
+    strict: Annotated[bool, option(
         "--strict", help="Exit 3 (after writing --out) if Ensembl left any gene incomplete "
         "(some protein sequences not returned).")] = False,
-    ensembl_files: Annotated[Path | None, _opt(
+    ensembl_files: Annotated[Path | None, option(
         "--ensembl_files", help="Offline: a directory with Ensembl's pep.all.fa.gz and "
         "canonical.tsv.gz (see 'esm2-batch download').")] = None,
-    ensembl_release: Annotated[int | None, _opt(
+    ensembl_release: Annotated[int | None, option(
         "--ensembl_release", help="Offline: the release of the files, found under "
         "--ensembl_files or the download cache.")] = None,
-    no_synonyms: Annotated[bool, _opt(
+    no_synonyms: Annotated[bool, option(
         "--no_synonyms", help="Strict matching: do not look symbols Ensembl does not know "
         "up as previous names or aliases (SEPT5 -> SEPTIN5).")] = False,
-    synonyms: Annotated[Path | None, _opt(
+    synonyms: Annotated[Path | None, option(
         "--synonyms", help="Offline: HGNC's hgnc_complete_set.txt (or a TSV with symbol, "
         "prev_symbol, alias_symbol, ensembl_gene_id) for outdated symbols.")] = None,
     verbose: Verbose = 0,
@@ -209,21 +160,21 @@ def main(
         config = RunConfig(
             hvg_file=hvg_file, id_column=id_column,
             source=SourceOptions(
-                species=species, biotypes=_biotypes(biotypes), ensembl_url=ensembl_url,
+                species=species, biotypes=parse_biotypes(biotypes), ensembl_url=ensembl_url,
                 rate_limit=rate_limit, parallel_workers=parallel_workers, isoforms=isoforms,
                 ensembl_files=ensembl_files, ensembl_release=ensembl_release,
                 synonyms=not no_synonyms, synonyms_file=synonyms),
             model=ModelOptions(model=_model_name(model_path, model_size), device=device,
-                               engine=_engine(engine), backend=backend,
-                               dtype=_dtype(dtype)),
+                               engine=parse_engine(engine), backend=backend,
+                               dtype=parse_dtype(dtype)),
             embed=EmbedOptions(toks_per_batch=toks_per_batch, batch_size=batch_size,
-                               truncation=truncation, long_seqs=_long_seqs(long_seqs),
-                               repr_layers=_layers(repr_layers), include=_poolers(include),
-                               per_tok=_per_tok(include)),
+                               truncation=truncation, long_seqs=parse_long_seqs(long_seqs),
+                               repr_layers=parse_layers(repr_layers),
+                               include=parse_poolers(include), per_tok=parse_per_tok(include)),
             stage=StageOptions(ray=ray, ray_actors=ray_actors, progress=not quiet),
             output=OutputOptions(out=out, overwrite=overwrite, save_isoforms=save_isoforms,
                                  write_h5ad=write_h5ad,
-                                 gene_pooling=_gene_pooling(gene_pooling), strict=strict))
+                                 gene_pooling=parse_gene_pooling(gene_pooling), strict=strict))
         summary = run(config)
         for line in summary.lines():
             _say(line, quiet)
@@ -238,7 +189,7 @@ def main(
 @app.command("fasta")
 def fasta(
     inputs: Annotated[list[Path], typer.Argument(help="FASTA files to embed.")],
-    out_dir: Annotated[Path | None, _opt("--out_dir", help="Where <stem>_ESM.pt files go "
+    out_dir: Annotated[Path | None, option("--out_dir", help="Where <stem>_ESM.pt files go "
                                          "(default: next to each input).")] = None,
     model_size: ModelSize = "650M",
     model_path: ModelPath = None,
@@ -252,10 +203,10 @@ def fasta(
     long_seqs: LongSeqsOpt = "truncate",
     repr_layers: ReprLayers = None,
     include: Include = None,
-    per_file: Annotated[Path | None, _opt(
+    per_file: Annotated[Path | None, option(
         "--per_file", help="Also write one <label>.pt per protein into this directory "
         "(implies --include per_tok; existing files are skipped).")] = None,
-    per_file_format: Annotated[str, _opt(
+    per_file_format: Annotated[str, option(
         "--per_file_format", help="tensor (the [L, dim] float32 states of the first layer) "
         "or esm-extract ({label, representations, mean_representations}).")] = "tensor",
     overwrite: Overwrite = False,
@@ -278,15 +229,15 @@ def fasta(
             from esm2_batch.outputs.per_file import check_per_file_dir
 
             check_per_file_dir(per_file, per_file_format)
-        model = ModelOptions(model=source, device=device, engine=_engine(engine),
-                             backend=backend, dtype=_dtype(dtype)).load()
+        model = ModelOptions(model=source, device=device, engine=parse_engine(engine),
+                             backend=backend, dtype=parse_dtype(dtype)).load()
         results = run_fasta(
             inputs, model=model, out_dir=out_dir, overwrite=overwrite, model_source=source,
             device=device, per_file=per_file, per_file_format=per_file_format,
             embed=EmbedOptions(toks_per_batch=toks_per_batch, batch_size=batch_size,
-                               truncation=truncation, long_seqs=_long_seqs(long_seqs),
-                               repr_layers=_layers(repr_layers), include=_poolers(include),
-                               per_tok=_per_tok(include)),
+                               truncation=truncation, long_seqs=parse_long_seqs(long_seqs),
+                               repr_layers=parse_layers(repr_layers),
+                               include=parse_poolers(include), per_tok=parse_per_tok(include)),
             stage=StageOptions(ray=ray, ray_actors=ray_actors, progress=not quiet))
         for r in results:
             state = "skipped (exists)" if r.skipped else f"{r.proteins} proteins"
@@ -303,21 +254,21 @@ def fasta(
 def export(
     esm_file: Annotated[Path, typer.Argument(help="An esm_all.pt written by esm2-batch, or "
                                              "(--format h5) a residue store directory.")],
-    out: Annotated[Path, _opt("--out", help="Output file (.pt, .npz, .parquet or .h5).")],
-    fmt: Annotated[str | None, _opt(
+    out: Annotated[Path, option("--out", help="Output file (.pt, .npz, .parquet or .h5).")],
+    fmt: Annotated[str | None, option(
         "--format", help="saturn ({SYMBOL: tensor}, as SATURN and UCE read), npz, parquet "
         "or h5 (one dataset per protein id; default: from --out's suffix).")] = None,
-    h5_dtype: Annotated[str | None, _opt(
+    h5_dtype: Annotated[str | None, option(
         "--h5_dtype", help="h5: float16 or float32 (default: float16 for a residue store, "
         "float32 for esm_all.pt).")] = None,
-    layer: Annotated[int | None, _opt(
+    layer: Annotated[int | None, option(
         "--layer", help="h5 from a residue store: the stored layer (default: the first)."
     )] = None,
     gene_pooling: GenePooling = "canonical",
-    include_missing: Annotated[bool, _opt(
+    include_missing: Annotated[bool, option(
         "--include_missing", help="npz/parquet: keep genes without protein as zero rows."
     )] = False,
-    key: Annotated[str, _opt("--key", help="The matrix to export: emb (default) or one of "
+    key: Annotated[str, option("--key", help="The matrix to export: emb (default) or one of "
                              "meta['matrices'], e.g. emb_max_layer20.")] = "emb",
     quiet: Quiet = False,
 ) -> None:
@@ -336,7 +287,7 @@ def export(
         if esm_file.is_dir():
             raise InputError(f"{esm_file}: a directory (a residue store?) exports only as "
                              "--format h5")
-        result = export_genes(esm_file, fmt=fmt, gene_pooling=_gene_pooling(gene_pooling),
+        result = export_genes(esm_file, fmt=fmt, gene_pooling=parse_gene_pooling(gene_pooling),
                               out=out, include_missing=include_missing, key=key)
         for line in result.lines():
             _say(line, quiet)
@@ -346,13 +297,13 @@ def export(
 
 @app.command("download")
 def download(
-    ensembl_release: Annotated[int, _opt("--ensembl_release", help="Ensembl release.")],
-    species: Annotated[str, _opt("--species", help="Ensembl species.")] = "homo_sapiens",
-    assembly: Annotated[str | None, _opt("--assembly", help="Assembly (known for human "
+    ensembl_release: Annotated[int, option("--ensembl_release", help="Ensembl release.")],
+    species: Annotated[str, option("--species", help="Ensembl species.")] = "homo_sapiens",
+    assembly: Annotated[str | None, option("--assembly", help="Assembly (known for human "
                                          "and mouse).")] = None,
-    directory: Annotated[Path | None, _opt("--dir", help="Where to put the files (default: "
+    directory: Annotated[Path | None, option("--dir", help="Where to put the files (default: "
                                            "the download cache).")] = None,
-    print_only: Annotated[bool, _opt("--print_only", help="Only print curl commands for "
+    print_only: Annotated[bool, option("--print_only", help="Only print curl commands for "
                                      "a machine with the network.")] = False,
 ) -> None:
     """Fetch (or print the URLs of) Ensembl's FTP files for offline runs."""
@@ -381,56 +332,6 @@ def download(
                        f"--ensembl_release {ensembl_release})")
 
     _guarded(work)
-
-
-Choice = TypeVar("Choice", bound=str)
-
-
-def _choice(value: str, choices: tuple[Choice, ...], flag: str) -> Choice:
-    """`value` as one of `choices` (typed as their Literal), else typer's usage error."""
-    for choice in choices:
-        if value == choice:
-            return choice
-    raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=flag)
-
-
-def _engine(value: str) -> Literal["fast", "reference"]:
-    return _choice(value, ("fast", "reference"), "--engine")
-
-
-def _dtype(value: str) -> str:
-    """--dtype checked before any work (a usage error, exit 2, like --engine)."""
-    return _choice(value.lower(), DTYPE_CHOICES, "--dtype")
-
-
-def _gene_pooling(value: str) -> Literal["canonical", "mean"]:
-    return _choice(value, ("canonical", "mean"), "--gene_pooling")
-
-
-def _long_seqs(value: str) -> Literal["truncate", "window"]:
-    return _choice(value, ("truncate", "window"), "--long_seqs")
-
-
-def _layers(value: str | None) -> tuple[int, ...]:
-    """--repr_layers "20,-1" (join_list_flags made it one word) -> (20, -1)."""
-    words = [w for w in (value or "").split(",") if w.strip()]
-    try:
-        return tuple(int(w) for w in words)
-    except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a list of layer numbers (e.g. 20 -1)",
-                                 param_hint="--repr_layers") from None
-
-
-def _poolers(value: str | None) -> tuple[Literal["mean", "bos", "max", "std"], ...]:
-    """--include "mean,max,per_tok" -> ("mean", "max"): the poolers (per_tok: `_per_tok`)."""
-    words = [w.strip() for w in (value or "").split(",") if w.strip() != "per_tok"]
-    return tuple(_choice(w, ("mean", "bos", "max", "std"), "--include")
-                 for w in words if w)
-
-
-def _per_tok(value: str | None) -> bool:
-    """Whether --include names per_tok (alone it still writes the pooled file, with mean)."""
-    return "per_tok" in [w.strip() for w in (value or "").split(",")]
 
 
 def _model_name(model_path: Path | None, model_size: str) -> str:
@@ -486,14 +387,6 @@ def _hint(exc: Esm2BatchError) -> str:
         return (". Offline? Pass --isoforms FILE (a FASTA written by --save_isoforms) to "
                 "skip Ensembl, or --ensembl_url URL for a reachable mirror")
     return ""
-
-
-def _biotypes(value: str) -> tuple[str, ...]:
-    kinds = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
-    if not kinds:
-        raise typer.BadParameter("give at least one biotype, e.g. protein_coding",
-                                 param_hint="--biotypes")
-    return kinds
 
 
 def _logging(verbose: int, quiet: bool) -> None:

@@ -12,7 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from esm2_batch.cli import app, join_list_flags
+from esm2_batch.cli import app
+from esm2_batch.cli_flags import join_list_flags
 from esm2_batch.embedding.options import EmbedOptions
 from esm2_batch.errors import InputError, StoreError
 from esm2_batch.models import LoadedModel
