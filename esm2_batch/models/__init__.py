@@ -39,8 +39,8 @@ from torch import nn
 
 from esm2_batch.errors import ModelError, first_line
 from esm2_batch.models.esm2_fast import FastEncoder, FastESM2
-from esm2_batch.models.esm3 import is_esm3_source, load_esm3
-from esm2_batch.models.esmc import TrunkEncoder, load_esmc
+from esm2_batch.models.esm3 import ESM3, is_esm3_source, load_esm3
+from esm2_batch.models.esmc import ESMC, TrunkEncoder, load_esmc
 from esm2_batch.models.esmc_weights import is_esmc_source
 from esm2_batch.models.fair_esm import ReferenceEncoder, build_module, prepare
 from esm2_batch.models.hf_esm2 import (
@@ -393,37 +393,31 @@ def _esm2(name: str, module: ESM2, alphabet: esm.data.Alphabet, device: torch.de
                        backend=backend, fast=fast, fingerprint=fingerprint, context=context)
 
 
-def _load_esmc(model: str | os.PathLike[str], device: torch.device,
-               dtype: torch.dtype, engine: Engine) -> LoadedModel:
-    """ESM C runs its own module with one forward, whatever `engine` asks; it shares
-    ESM2's token ids, so ESM2's alphabet tokenizes for it."""
-    loaded = load_esmc(model)
-    fingerprint = weights_fingerprint(loaded)
-    module = loaded.to(device=device, dtype=dtype)
-    name = Path(str(model)).name.split(".")[0] or str(model)
-    return LoadedModel(
-        encoder=TrunkEncoder(module, name, device, dtype), module=module,
-        alphabet=esm.data.Alphabet.from_architecture("ESM-1b"), engine="reference",
-        backend="esmc", fingerprint=fingerprint)
-
-
-def _load_esm3(model: str | os.PathLike[str], device: torch.device,
-               dtype: torch.dtype, engine: Engine) -> LoadedModel:
-    """ESM3's sequence track runs its own module with one forward, whatever `engine` asks;
-    it shares ESM2's token ids, so ESM2's alphabet tokenizes for it."""
-    loaded = load_esm3(model)
-    fingerprint = weights_fingerprint(loaded)
-    module = loaded.to(device=device, dtype=dtype)
-    name = Path(str(model)).name.split(".")[0] or str(model)
-    return LoadedModel(
-        encoder=TrunkEncoder(module, name, device, dtype), module=module,
-        alphabet=esm.data.Alphabet.from_architecture("ESM-1b"), engine="reference",
-        backend="esm3", fingerprint=fingerprint)
-
-
 _Loader = Callable[[str | os.PathLike[str], torch.device, torch.dtype, Engine], LoadedModel]
-_LOADERS: dict[str, _Loader] = {"fair-esm": _load_fair_esm, "hf": _load_hf, "esmc": _load_esmc,
-                                 "esm3": _load_esm3, "fastesm": _load_fastesm}
+
+
+def _trunk_loader(read: Callable[[str | os.PathLike[str]], ESMC | ESM3],
+                  backend: Backend) -> _Loader:
+    """The loader of a model that runs its own module with one forward, whatever `engine`
+    asks (ESM C, ESM3); both share ESM2's token ids, so ESM2's alphabet tokenizes for them."""
+
+    def load(model: str | os.PathLike[str], device: torch.device, dtype: torch.dtype,
+             engine: Engine) -> LoadedModel:
+        loaded = read(model)
+        fingerprint = weights_fingerprint(loaded)  # as loaded, before the cast
+        module = loaded.to(device=device, dtype=dtype)
+        name = Path(str(model)).name.split(".")[0] or str(model)
+        return LoadedModel(
+            encoder=TrunkEncoder(module, name, device, dtype), module=module,
+            alphabet=esm.data.Alphabet.from_architecture("ESM-1b"), engine="reference",
+            backend=backend, fingerprint=fingerprint)
+
+    return load
+
+
+_LOADERS: dict[str, _Loader] = {
+    "fair-esm": _load_fair_esm, "hf": _load_hf, "fastesm": _load_fastesm,
+    "esmc": _trunk_loader(load_esmc, "esmc"), "esm3": _trunk_loader(load_esm3, "esm3")}
 """The loader of each `Backend` and `BACKEND_ALIASES` name."""
 
 

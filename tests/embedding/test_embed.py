@@ -4,11 +4,9 @@ with both engines (the fast one and fair-esm's own as the reference)."""
 from __future__ import annotations
 
 import random
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import esm
 import pytest
 import torch
 
@@ -17,8 +15,7 @@ from esm2_batch.embedding.batching import plan_windows
 from esm2_batch.embedding.embed import Embedded, clean_sequence, embed_sequences, iter_embeddings
 from esm2_batch.errors import EmbeddingError, InputError
 from esm2_batch.models import LoadedModel, load_model, representations
-from esm2_batch.models.weights import read_checkpoint
-from tests.fakes.tiny_esm import write_tiny_checkpoint
+from tests.fakes.tiny_esm import fair_esm_states, write_tiny_checkpoint
 from tests.tolerance import tolerance
 
 LAYERS, EMBED = 3, 64
@@ -45,21 +42,10 @@ def any_model(checkpoint: Path, request: pytest.FixtureRequest) -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def fair_esm(checkpoint: Path) -> Callable[[str, int], torch.Tensor]:
-    """fair-esm's own module (its rotary, its attention): (seq, layer) -> (T, E) states."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Regression weights not found")
-        module, alphabet = esm.pretrained.load_model_and_alphabet_core(
-            checkpoint.stem, read_checkpoint(checkpoint))
-    module.eval()
-    convert = alphabet.get_batch_converter()
-
-    def states(sequence: str, layer: int = LAYERS) -> torch.Tensor:
-        _, _, tokens = convert([("x", sequence)])
-        with torch.no_grad():
-            return module(tokens, repr_layers=[layer])["representations"][layer][0]
-
-    return states
+def fair_esm(checkpoint: Path) -> Callable[..., torch.Tensor]:
+    """fair-esm's own module: (seq, layer=LAYERS) -> (T, E) states."""
+    states = fair_esm_states(checkpoint)
+    return lambda sequence, layer=LAYERS: states(sequence, layer)
 
 
 @pytest.fixture(scope="module")

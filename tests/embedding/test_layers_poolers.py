@@ -4,11 +4,9 @@ fair-esm's own representations[L] pooled directly, with both engines."""
 from __future__ import annotations
 
 import random
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import esm
 import pytest
 import torch
 
@@ -17,8 +15,7 @@ from esm2_batch.embedding.embed import embed_sequences, iter_embeddings
 from esm2_batch.embedding.options import EmbedOptions
 from esm2_batch.errors import InputError
 from esm2_batch.models import LoadedModel, layer_states, load_model, representations
-from esm2_batch.models.weights import read_checkpoint
-from tests.fakes.tiny_esm import write_tiny_checkpoint
+from tests.fakes.tiny_esm import fair_esm_states, write_tiny_checkpoint
 from tests.tolerance import tolerance
 
 LAYERS, EMBED = 3, 64
@@ -45,19 +42,7 @@ def any_model(checkpoint: Path, request: pytest.FixtureRequest) -> LoadedModel:
 @pytest.fixture(scope="module")
 def fair_esm(checkpoint: Path) -> Callable[[str, int], torch.Tensor]:
     """fair-esm's own module: (seq, layer) -> (T, E) representations[layer]."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Regression weights not found")
-        module, alphabet = esm.pretrained.load_model_and_alphabet_core(
-            checkpoint.stem, read_checkpoint(checkpoint))
-    module.eval()
-    convert = alphabet.get_batch_converter()
-
-    def states(sequence: str, layer: int) -> torch.Tensor:
-        _, _, tokens = convert([("x", sequence)])
-        with torch.no_grad():
-            return module(tokens, repr_layers=[layer])["representations"][layer][0]
-
-    return states
+    return fair_esm_states(checkpoint)
 
 
 def proteins(count: int, seed: int = 3) -> list[str]:

@@ -15,12 +15,16 @@ regression weights live in a separate "-contact-regression.pt" file, never writt
 from __future__ import annotations
 
 import argparse
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
+import esm
 import torch
 from esm.model.esm2 import ESM2
 
 from esm2_batch.models import ESM2_MODELS
+from esm2_batch.models.weights import read_checkpoint
 
 _REGRESSION_PREFIX = "contact_head.regression."
 
@@ -86,3 +90,23 @@ def _save(module: ESM2, path: Path, *, default_name: str) -> Path:
         raise ValueError(f"fair-esm only reads ESM2 files named esm2*: {target.name}")
     torch.save(official_layout(module), target)
     return target
+
+
+def fair_esm_states(checkpoint: Path) -> Callable[[str, int], torch.Tensor]:
+    """fair-esm's own module on `checkpoint` (its rotary, its attention), as the reference
+    the project's rows are tested against: (sequence, layer) -> (T, E)
+    ``representations[layer][0]``, BOS and EOS included."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Regression weights not found")
+        module, alphabet = esm.pretrained.load_model_and_alphabet_core(
+            checkpoint.stem, read_checkpoint(checkpoint))
+    module.eval()
+    convert = alphabet.get_batch_converter()
+
+    def states(sequence: str, layer: int) -> torch.Tensor:
+        _, _, tokens = convert([("x", sequence)])
+        with torch.no_grad():
+            found: torch.Tensor = module(tokens, repr_layers=[layer])["representations"][layer][0]
+        return found
+
+    return states

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import functools
 import json
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import esm
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -20,7 +18,6 @@ from esm2_batch.embedding.embed import Embedded, embed_rows
 from esm2_batch.embedding.options import EmbedOptions, LongSeqs
 from esm2_batch.errors import InputError, StoreError
 from esm2_batch.models import LoadedModel
-from esm2_batch.models.weights import read_checkpoint
 from esm2_batch.run import fasta_mode, stages
 from esm2_batch.run.fasta_mode import run_fasta
 from esm2_batch.run.gene_mode import residues_path, run
@@ -28,6 +25,7 @@ from esm2_batch.run.stages import StageOptions
 from esm2_batch.store.esm_file import read_esm_file
 from esm2_batch.store.residues import INDEX_FILE, ResidueWriter, open_residues
 from tests.fakes.ensembl import FakeEnsembl, braf, synthetic_genes
+from tests.fakes.tiny_esm import fair_esm_states
 from tests.run.flat import make_config
 from tests.tolerance import storage_tolerance, stored_tolerance, tolerance
 
@@ -45,19 +43,8 @@ def fasta(tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def fair_esm(checkpoint: Path) -> Callable[[str, int], torch.Tensor]:
     """fair-esm's own module: (seq, layer) -> representations[layer][0, 1:L+1]."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Regression weights not found")
-        module, alphabet = esm.pretrained.load_model_and_alphabet_core(
-            checkpoint.stem, read_checkpoint(checkpoint))
-    module.eval()
-    convert = alphabet.get_batch_converter()
-
-    def states(sequence: str, layer: int) -> torch.Tensor:
-        _, _, tokens = convert([("x", sequence)])
-        with torch.no_grad():
-            reps = module(tokens, repr_layers=[layer])["representations"][layer]
-        states: torch.Tensor = reps[0, 1 : len(sequence) + 1]
-        return states
+    states = fair_esm_states(checkpoint)
+    return lambda sequence, layer: states(sequence, layer)[1 : len(sequence) + 1]
 
     return states
 
