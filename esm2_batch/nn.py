@@ -96,6 +96,11 @@ def load_esm_matrix(
                       f"in the file ({name_some(absent)}); they get zero ESM rows", EsmFileWarning,
                       stacklevel=2)
     vectors = gene_vectors(esm, vocabulary, gene_pooling=isoform, source=str(path))
+    if vectors.not_canonical:
+        warnings.warn(f"{path}: {len(vectors.not_canonical)} genes' canonical isoform was not "
+                      f"returned by Ensembl ({name_some(vectors.not_canonical)}); their first "
+                      "isoform's row stands in (rerun esm2-batch to retry them)",
+                      EsmFileWarning, stacklevel=2)
     return vectors.matrix, vectors.has_protein  # [G, E] float32, [G] bool
 
 

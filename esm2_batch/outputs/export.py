@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +36,7 @@ import torch
 
 from esm2_batch.errors import InputError, name_some
 from esm2_batch.records import is_ensembl_gene_id
-from esm2_batch.store.atomic import atomic_save, atomic_write
+from esm2_batch.store.atomic import atomic_save, atomic_write, check_writable
 from esm2_batch.store.esm_file import (
     GENE_POOLINGS,
     EsmFile,
@@ -96,6 +96,7 @@ class ExportResult:
     without_protein: tuple[str, ...]  # status no_protein / not_found, or not in the file
     without_symbol: tuple[str, ...]  # saturn only: an ID query with no known symbol
     duplicate_keys: tuple[str, ...]  # saturn only: a later gene whose key was taken
+    not_canonical: tuple[str, ...] = ()  # canonical pooling took a non-canonical first row
 
     def lines(self) -> list[str]:
         """A short closing report for the CLI."""
@@ -103,7 +104,9 @@ class ExportResult:
                  f"as {self.fmt}"]
         for label, names in (("without protein (left out)", self.without_protein),
                              ("Ensembl IDs without a symbol (left out)", self.without_symbol),
-                             ("symbols already taken (left out)", self.duplicate_keys)):
+                             ("symbols already taken (left out)", self.duplicate_keys),
+                             ("canonical isoform not returned by Ensembl, first isoform used",
+                              self.not_canonical)):
             if names:
                 lines.append(f"{label}: {len(names)} ({name_some(names)})")
         if self.without_symbol:
@@ -137,19 +140,20 @@ def export_genes(
     data = (esm if isinstance(esm, EsmFile) else read_esm_file(esm)).select(key)
     out_path = Path(out)
     fmt = _resolve_format(fmt, out_path)
-    _check_out(out_path)
+    check_writable(out_path, flag="--out", example="genes.npz")  # exit 6, as every output
     vectors = gene_vectors(data, gene_pooling=gene_pooling)
     missing = tuple(g for g, p in zip(vectors.genes, vectors.has_protein.tolist(),
                                       strict=True) if not p)
     if fmt == "saturn":
-        return _export_saturn(data, vectors, out_path, symbols, key_case, missing)
+        result = _export_saturn(data, vectors, out_path, symbols, key_case, missing)
+        return replace(result, not_canonical=vectors.not_canonical)
     keep = [i for i, p in enumerate(vectors.has_protein.tolist()) if p or include_missing]
     names = gene_symbols(data, vectors.genes, symbols)
     table = _table(vectors, names, keep)
     writer = _write_npz if fmt == "npz" else _write_parquet
     writer(out_path, table, _export_meta(data, vectors))
     return ExportResult(out_path, fmt, gene_pooling, len(keep),
-                        () if include_missing else missing, (), ())
+                        () if include_missing else missing, (), (), vectors.not_canonical)
 
 
 def _resolve_format(fmt: str | None, out: Path) -> str:
@@ -162,14 +166,6 @@ def _resolve_format(fmt: str | None, out: Path) -> str:
     if fmt not in EXPORT_FORMATS:
         raise InputError(f"--format must be one of {', '.join(EXPORT_FORMATS)}; got {fmt!r}")
     return fmt
-
-
-def _check_out(out: Path) -> None:
-    if out.is_dir():
-        raise InputError(f"{out}: is a directory; --out takes a file name")
-    if not out.resolve().parent.is_dir():
-        raise InputError(f"{out.resolve().parent}: the output directory does not exist; "
-                         "create it or choose another --out")
 
 
 def _export_saturn(data: EsmFile, vectors: GeneVectors, out: Path,

@@ -211,6 +211,9 @@ class GeneVectors:
     `protein_ids[i]` is the ENSP of gene i's first row: its canonical isoform whenever the
     canonical has a sequence (otherwise the longest), whatever the pooling; None without
     protein. `in_file[i]` is False for a gene the file does not list at all.
+    `not_canonical` names the genes whose "canonical" vector is not their canonical
+    isoform's, because Ensembl did not return that sequence (meta['canonical_missing']):
+    consumers say so instead of passing the longest isoform off as the canonical one.
     """
 
     genes: tuple[str, ...]
@@ -220,6 +223,7 @@ class GeneVectors:
     n_isoforms: tuple[int, ...]
     in_file: tuple[bool, ...]
     gene_pooling: str
+    not_canonical: tuple[str, ...] = ()
 
 
 def gene_vectors(esm: EsmFile, genes: Sequence[str] | None = None, *,
@@ -243,7 +247,18 @@ def gene_vectors(esm: EsmFile, genes: Sequence[str] | None = None, *,
         has_protein=torch.tensor([bool(r) for r in rows], dtype=torch.bool),
         protein_ids=tuple(esm.protein_ids[r[0]] if r else None for r in rows),
         n_isoforms=tuple(len(r) for r in rows),
-        in_file=tuple(f is not None for f in found), gene_pooling=gene_pooling)
+        in_file=tuple(f is not None for f in found), gene_pooling=gene_pooling,
+        not_canonical=_not_canonical(esm, names, rows) if gene_pooling == "canonical" else ())
+
+
+def _not_canonical(esm: EsmFile, names: Sequence[str], rows: Sequence[Sequence[int]]
+                   ) -> tuple[str, ...]:
+    """The genes whose first row is not their canonical isoform (see GeneVectors)."""
+    recorded = esm.meta.get("canonical_missing")
+    if not isinstance(recorded, Mapping):
+        return ()
+    first_rows = {esm.rows_of(str(key))[0] for key in recorded if esm.rows_of(str(key))}
+    return tuple(g for g, r in zip(names, rows, strict=True) if r and r[0] in first_rows)
 
 
 def check_gene_pooling(gene_pooling: str) -> None:

@@ -154,7 +154,7 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path: Path, esm: EsmFi
     ({"fmt": None, "out": "x.csv"}, InputError, "--format"),
     ({"fmt": "h5", "out": "x.h5"}, InputError, "--format must be one of"),
     ({"fmt": "npz", "out": "x.npz", "gene_pooling": "max"}, InputError, "canonical, mean"),
-    ({"fmt": "npz", "out": "missing/x.npz"}, InputError, "does not exist"),
+    ({"fmt": "npz", "out": "missing/x.npz"}, StoreError, "does not exist"),
 ])
 def test_bad_options_are_one_line(tmp_path: Path, esm: EsmFile, kwargs: dict[str, object],
                                   error: type[Exception], message: str) -> None:

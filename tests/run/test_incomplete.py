@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 from esm2_batch.cli import app
 from esm2_batch.errors import EnsemblError
 from esm2_batch.models import LoadedModel
+from esm2_batch.nn import EsmFileWarning, load_esm_matrix
+from esm2_batch.outputs.export import export_genes
 from esm2_batch.records import GeneIsoforms, Isoform
 from esm2_batch.run.config import RunConfig
 from esm2_batch.run.gene_mode import run
@@ -88,6 +90,15 @@ def test_a_dropped_canonical_is_said_first_row_is_not_canonical(
     assert any("canonical isoform missing, first row not canonical: GENE0001" in line
                for line in summary.lines())
     assert "canonical missing" in report(tmp_path)["GENE0001"][3]
+    # consumers that take "the canonical row" say that this one is not
+    exported = export_genes(tmp_path / "esm_all.pt", fmt="npz", out=tmp_path / "genes.npz")
+    assert exported.not_canonical == ("GENE0001",)
+    assert any("first isoform used" in line for line in exported.lines())
+    with pytest.warns(EsmFileWarning, match="canonical isoform was not returned"):
+        load_esm_matrix(tmp_path / "esm_all.pt", ["GENE0001", "GENE0002"])
+    mean = export_genes(tmp_path / "esm_all.pt", fmt="npz", out=tmp_path / "mean.npz",
+                        gene_pooling="mean")
+    assert mean.not_canonical == ()  # a mean of the isoforms claims no canonical row
 
 
 def test_every_sequence_dropped_is_incomplete_not_no_protein(
