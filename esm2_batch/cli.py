@@ -21,6 +21,7 @@ import typer
 from esm2_batch.cli_flags import (
     BackendOpt,
     BatchSize,
+    CacheDir,
     Device,
     DtypeOpt,
     EngineOpt,
@@ -29,6 +30,7 @@ from esm2_batch.cli_flags import (
     LongSeqsOpt,
     ModelPath,
     ModelSize,
+    NoCache,
     Overwrite,
     Quiet,
     RayActors,
@@ -47,6 +49,7 @@ from esm2_batch.cli_flags import (
     parse_long_seqs,
     parse_per_tok,
     parse_poolers,
+    parse_size,
 )
 from esm2_batch.errors import (
     EmbeddingError,
@@ -90,6 +93,9 @@ def main(
     hvg_file: Annotated[Path | None, option(
         "--hvg_file", help="Gene list: one symbol or Ensembl gene ID per line ('#' comments "
         "ok), or a CSV/TSV with a gene column.")] = None,
+    all_genes: Annotated[bool, option(
+        "--all_genes", help="Instead of --hvg_file: every gene of the species with a protein "
+        "of --biotypes (offline files only: --ensembl_files or --ensembl_release).")] = False,
     out: Annotated[Path, option("--out", help="Output file.")] = Path("esm_all.pt"),
     model_size: ModelSize = "650M",
     model_path: ModelPath = None,
@@ -142,10 +148,13 @@ def main(
     synonyms: Annotated[Path | None, option(
         "--synonyms", help="Offline: HGNC's hgnc_complete_set.txt (or a TSV with symbol, "
         "prev_symbol, alias_symbol, ensembl_gene_id) for outdated symbols.")] = None,
+    cache_dir: CacheDir = None,
+    no_cache: NoCache = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
-    """Embed every protein isoform of every gene in --hvg_file into --out."""
+    """Embed every protein isoform of every gene in --hvg_file (or, with --all_genes, of
+    the species) into --out."""
     if ctx.invoked_subcommand is not None:
         return
     _logging(verbose, quiet)
@@ -158,7 +167,7 @@ def main(
         from esm2_batch.sources.base import SourceOptions
 
         config = RunConfig(
-            hvg_file=hvg_file, id_column=id_column,
+            hvg_file=hvg_file, id_column=id_column, all_genes=all_genes,
             source=SourceOptions(
                 species=species, biotypes=parse_biotypes(biotypes), ensembl_url=ensembl_url,
                 rate_limit=rate_limit, parallel_workers=parallel_workers, isoforms=isoforms,
@@ -171,7 +180,8 @@ def main(
                                truncation=truncation, long_seqs=parse_long_seqs(long_seqs),
                                repr_layers=parse_layers(repr_layers),
                                include=parse_poolers(include), per_tok=parse_per_tok(include)),
-            stage=StageOptions(ray=ray, ray_actors=ray_actors, progress=not quiet),
+            stage=StageOptions(ray=ray, ray_actors=ray_actors, progress=not quiet,
+                               cache=not no_cache, cache_dir=cache_dir),
             output=OutputOptions(out=out, overwrite=overwrite, save_isoforms=save_isoforms,
                                  write_h5ad=write_h5ad,
                                  gene_pooling=parse_gene_pooling(gene_pooling), strict=strict))
@@ -212,6 +222,8 @@ def fasta(
     overwrite: Overwrite = False,
     ray: RayAddress = None,
     ray_actors: RayActors = None,
+    cache_dir: CacheDir = None,
+    no_cache: NoCache = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -238,9 +250,11 @@ def fasta(
                                truncation=truncation, long_seqs=parse_long_seqs(long_seqs),
                                repr_layers=parse_layers(repr_layers),
                                include=parse_poolers(include), per_tok=parse_per_tok(include)),
-            stage=StageOptions(ray=ray, ray_actors=ray_actors, progress=not quiet))
+            stage=StageOptions(ray=ray, ray_actors=ray_actors, progress=not quiet,
+                               cache=not no_cache, cache_dir=cache_dir))
         for r in results:
             state = "skipped (exists)" if r.skipped else f"{r.proteins} proteins"
+            state += f" ({r.cached} rows from the row cache)" if r.cached else ""
             failed = f", {r.failed} failed (see extraction_failures.log)" if r.failed else ""
             _say(f"{r.source} -> {r.out}: {state}{failed}", quiet)
             if per_file is not None:
@@ -330,6 +344,57 @@ def download(
             download_synonym_table(species, target)
             typer.echo(f"ready: {files.pep.parent} (use --ensembl_files {files.pep.parent} "
                        f"--ensembl_release {ensembl_release})")
+
+    _guarded(work)
+
+
+cache_app = typer.Typer(add_completion=False, rich_markup_mode=None,
+                        help="The row cache shared across runs: what it holds, and pruning.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info(cache_dir: CacheDir = None) -> None:
+    """Rows and size per model, layer, pooler, truncation and dtype."""
+
+    def work() -> None:
+        from esm2_batch.store.cache import RowCache, default_cache_dir
+
+        with RowCache(cache_dir or default_cache_dir()) as cache:
+            for line in cache.info().describe():
+                typer.echo(line)
+
+    _guarded(work)
+
+
+@cache_app.command("prune")
+def cache_prune(
+    cache_dir: CacheDir = None,
+    older_than: Annotated[float | None, option(
+        "--older_than", help="Delete rows not used for this many days.")] = None,
+    max_size: Annotated[str | None, option(
+        "--max_size", help="Then delete the least recently used rows until the rest take "
+        "at most this much (e.g. 20G).")] = None,
+    weights: Annotated[str | None, option(
+        "--weights", help="Delete the rows of these weights (a fingerprint prefix, as "
+        "'cache info' shows it).")] = None,
+    everything: Annotated[bool, option("--all", help="Delete every row.")] = False,
+) -> None:
+    """Delete rows of the row cache (at least one of the options)."""
+    limit = parse_size(max_size)
+
+    def work() -> None:
+        from esm2_batch.store.cache import RowCache, default_cache_dir
+
+        if older_than is None and limit is None and weights is None and not everything:
+            raise InputError("cache prune: say what to delete: --older_than DAYS, "
+                             "--max_size SIZE, --weights PREFIX or --all")
+        with RowCache(cache_dir or default_cache_dir()) as cache:
+            deleted = cache.prune(older_than_days=older_than, max_bytes=limit,
+                                  weights=weights, everything=everything)
+            info = cache.info()
+        typer.echo(f"deleted {deleted:,} rows; {info.rows:,} left, "
+                   f"{info.file_bytes / 1e6:,.1f} MB on disk ({info.path})")
 
     _guarded(work)
 

@@ -91,6 +91,10 @@ GenePooling = Annotated[str, option("--gene_pooling", help="One vector per gene:
                                   "(the canonical isoform) or mean (all isoforms).")]
 Overwrite = Annotated[bool, option("--overwrite", help="Replace an existing output or an "
                                  "unfinished run with other settings.")]
+CacheDir = Annotated[Path | None, option(
+    "--cache_dir", help="The row cache shared across runs (default $ESM2_BATCH_CACHE_DIR, "
+    "else ~/.cache/esm2_batch/rows); keep it on a local disk.")]
+NoCache = Annotated[bool, option("--no_cache", help="Neither read nor fill the row cache.")]
 
 
 Choice = TypeVar("Choice", bound=str)
@@ -149,3 +153,24 @@ def parse_biotypes(value: str) -> tuple[str, ...]:
         raise typer.BadParameter("give at least one biotype, e.g. protein_coding",
                                  param_hint="--biotypes")
     return kinds
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6,
+               "G": 10**9, "GB": 10**9, "T": 10**12, "TB": 10**12}
+
+
+def parse_size(text: str | None) -> int | None:
+    """'20G', '500MB', '1.5T' or a number of bytes -> bytes (None stays None)."""
+    if text is None:
+        return None
+    cleaned = text.strip().upper().replace(" ", "")
+    number = cleaned.rstrip("KMGTB")
+    unit = cleaned[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _SIZE_UNITS or not value >= 0:
+        raise typer.BadParameter(f"{text!r} is not a size such as 20G, 500M or 1.5T",
+                                 param_hint="--max_size")
+    return int(value * _SIZE_UNITS[unit])

@@ -22,6 +22,16 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def own_row_cache(tmp_path_factory: pytest.TempPathFactory,
+                  monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets an empty row cache of its own (store/cache.py), never the user's
+    ~/.cache: a test sees exactly the rows it made."""
+    directory = tmp_path_factory.mktemp("row_cache")
+    monkeypatch.setenv("ESM2_BATCH_CACHE_DIR", str(directory))
+    return directory
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random ESM2 (2 layers, dim 32) in fair-esm's official checkpoint layout."""

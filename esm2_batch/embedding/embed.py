@@ -130,12 +130,15 @@ def embed_sequences(
     repr_layer: int = -1,
     repr_layers: Sequence[int] = (),
     include: Sequence[Pooler] = (),
-) -> torch.Tensor | list[torch.Tensor] | dict[str, torch.Tensor]:
+) -> (torch.Tensor | list[torch.Tensor] | dict[str, torch.Tensor]
+      | dict[str, list[torch.Tensor]]):
     """Embed `sequences` and return their rows in input order (see the module docstring).
 
     With several `repr_layers` or `include` poolers, a dict of [n, dim] matrices named by
     `options.matrix_name` ("mean_layer33", "max_layer20", ...), in `EmbedOptions.matrices`
-    order; otherwise the one matrix (or, for "per_residue", the list) as before.
+    order; otherwise the one matrix (or, for "per_residue", the list) as before. For
+    "per_residue" with several `repr_layers`, a dict of such lists ("per_residue_layer6":
+    one [L, dim] per input), every layer's states, never only the first.
     Raises `InputError` before any model work for bad letters or options, and one
     `EmbeddingError` naming every sequence that failed after all others have run.
     """
@@ -150,8 +153,10 @@ def embed_sequences(
     for result in results:
         for column, row in zip(columns, result.rows, strict=True):
             column[result.index] = row
-    if pooling == "per_residue" and not include:
-        return columns[0]
+    if pooling == "per_residue" and not include:  # [L, dim] per input, not one matrix
+        if len(matrices) == 1:
+            return columns[0]
+        return {matrix_name(m): column for m, column in zip(matrices, columns, strict=True)}
     stacked = [torch.stack(c) if c else torch.empty(0, model.embed_dim) for c in columns]
     if len(matrices) == 1:
         return stacked[0]

@@ -2,6 +2,7 @@
 
     RunConfig
     ├── hvg_file, id_column    the gene list (txt/csv/tsv or .h5ad and its var column)
+    ├── all_genes              or every gene of the source (offline Ensembl files)
     ├── source: SourceOptions  where isoforms come from (sources/base.py)
     ├── model: ModelOptions    which encoder, on which device
     ├── embed: EmbedOptions    how sequences become rows (embedding/options.py)
@@ -67,6 +68,7 @@ class RunConfig:
 
     hvg_file: Path | None = None
     id_column: str | None = None
+    all_genes: bool = False  # every gene the source lists with a protein, instead of hvg_file
     source: SourceOptions = field(default_factory=SourceOptions)
     model: ModelOptions = field(default_factory=ModelOptions)
     embed: EmbedOptions = field(default_factory=EmbedOptions)

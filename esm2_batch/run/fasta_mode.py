@@ -42,6 +42,7 @@ from esm2_batch.outputs.per_file import check_per_file_dir, write_per_file
 from esm2_batch.run.stages import MemorySink, StageOptions, check_per_tok, make_stage
 from esm2_batch.sources.fasta import read_fasta
 from esm2_batch.store.atomic import atomic_save
+from esm2_batch.store.cache import CacheView
 from esm2_batch.store.keys import RowKeys, settings_scope
 from esm2_batch.store.residues import (
     INDEX_FILE,
@@ -68,6 +69,7 @@ class FastaResult:
     failed: int = 0
     skipped: bool = False
     per_file_written: int = 0
+    cached: int = 0  # rows taken from the shared row cache, not embedded
     per_file_skipped: int = 0
 
 
@@ -115,13 +117,26 @@ def run_fasta(inputs: Sequence[Path], *, model: LoadedModel, out_dir: Path | Non
     stage = stage or StageOptions()
     check_per_tok(options, stage)
     settings = fasta_settings(model, options)
-    job = _FastaJob(model, options, stage, model_source or model.name, device, settings,
-                    RowKeys(settings_scope(settings)), overwrite)
     outputs = [fasta_output(source, out_dir) for source in inputs]
     if options.per_tok and not overwrite:  # another model's store: refused before any work
         for out in outputs:
             if not _done(out, options):
                 check_residue_settings(residues_dir(out), settings)
+    cache = stage.open_cache()
+    job = _FastaJob(model, options, stage, model_source or model.name, device, settings,
+                    RowKeys(settings_scope(settings)), overwrite,
+                    cache.view(model, options) if cache is not None else None)
+    try:
+        return _run_files(job, inputs, outputs, per_file, per_file_format)
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+def _run_files(job: _FastaJob, inputs: Sequence[Path], outputs: list[Path],
+               per_file: Path | None, per_file_format: str) -> list[FastaResult]:
+    """Each input in turn: skipped when done, else embedded; then its per-file outputs."""
+    options, overwrite = job.options, job.overwrite
     results = []
     for source, out in tqdm(list(zip(inputs, outputs, strict=True)), desc="FASTA files",
                             unit="file", disable=None if job.stage.progress else True):
@@ -161,6 +176,7 @@ class _FastaJob:
     settings: dict[str, Any]
     keys: RowKeys
     overwrite: bool
+    cache: CacheView | None = None  # the shared row cache (store/cache.py)
 
     def embed_file(self, result: FastaResult) -> None:
         try:
@@ -170,7 +186,7 @@ class _FastaJob:
             result.failed = 1
             return
         valid, failures = _clean(records)
-        rows, failed = self._embed(valid, residues_dir(result.out))
+        rows, failed, result.cached = self._embed(valid, residues_dir(result.out))
         failures += failed
         keys = self.keys
         kept = [(label, rows[keys.of(seq)]) for label, seq in valid if keys.of(seq) in rows]
@@ -195,14 +211,15 @@ class _FastaJob:
         return data
 
     def _embed(self, valid: list[tuple[str, str]], residues: Path
-               ) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
-        """Rows by sequence key (float32) and (label, error) of what failed; with per_tok
-        the residue store at `residues` is filled (and its kept rows reused) as well."""
+               ) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]], int]:
+        """Rows by sequence key (float32), (label, error) of what failed and how many
+        rows the row cache gave; with per_tok the residue store at `residues` is filled
+        (and its kept rows reused) as well."""
         writer = self._residue_writer(residues)
         sink = MemorySink(writer.stored_rows() if writer is not None else {})
         stage = make_stage(self.model, sink, self.options, self.stage, keys=self.keys,
                            model_source=self.model_source, device=self.device,
-                           residues=writer)
+                           residues=writer, cache=self.cache)
         try:
             stage.start()
             try:
@@ -215,7 +232,8 @@ class _FastaJob:
         finally:
             if writer is not None:  # on errors too: finished shards stay for a rerun
                 writer.close()
-        return sink.rows, [(name, error) for name, error in stage.failed.values()]
+        return (sink.rows, [(name, error) for name, error in stage.failed.values()],
+                stage.cached)
 
     def _residue_writer(self, directory: Path) -> ResidueWriter | None:
         if not self.options.per_tok:

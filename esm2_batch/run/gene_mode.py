@@ -49,6 +49,7 @@ from esm2_batch.sources.gene_lists import GeneList, dedupe, merge_spellings, rea
 from esm2_batch.sources.h5ad_genes import H5adGenes, read_h5ad_genes
 from esm2_batch.sources.isoforms_fasta import write_isoforms_fasta
 from esm2_batch.store.atomic import check_writable
+from esm2_batch.store.cache import RowCache
 from esm2_batch.store.esm_file import (
     MATRIX_PREFIX,
     EsmFile,
@@ -57,7 +58,7 @@ from esm2_batch.store.esm_file import (
     write_esm_file,
 )
 from esm2_batch.store.keys import RowKeys, settings_scope
-from esm2_batch.store.partial import PartialStore, describe_difference
+from esm2_batch.store.partial import GeneLog, PartialStore, describe_difference
 from esm2_batch.store.residues import ResidueWriter
 from esm2_batch.version import package_version
 
@@ -124,8 +125,11 @@ class Genes:
 
     @classmethod
     def read(cls, config: RunConfig, source: IsoformSource) -> Genes:
-        """--hvg_file (a list or an .h5ad), else the genes an isoforms FASTA lists."""
+        """--all_genes (every gene the source lists), --hvg_file (a list or an .h5ad),
+        else the genes an isoforms FASTA lists."""
         hvg = config.hvg_file
+        if config.all_genes:
+            return cls(_all_genes(hvg, source), None)
         if hvg is not None and hvg.suffix == ".h5ad":
             h5ad = read_h5ad_genes(hvg, id_column=config.id_column)
             return cls(h5ad.genes, h5ad)
@@ -136,6 +140,23 @@ class Genes:
             return cls(dedupe(known), None)
         raise InputError("no genes: pass --hvg_file FILE (one gene per line, or .h5ad) or "
                          "--isoforms FASTA")
+
+
+def _all_genes(hvg: Path | None, source: IsoformSource) -> GeneList:
+    """The source's whole proteome as the gene list; one InputError line when the flags
+    contradict each other or the source cannot list its genes (REST), before any work."""
+    if hvg is not None:
+        raise InputError(f"--all_genes and --hvg_file {hvg}: give one of them (--all_genes "
+                         "embeds every gene of the species that has a protein)")
+    listed = source.all_genes()
+    if listed is None:
+        raise InputError("--all_genes needs the offline Ensembl files: pass --ensembl_files "
+                         "DIR or --ensembl_release N ('esm2-batch download' fetches them); "
+                         "Ensembl REST cannot list every gene")
+    if not listed:
+        raise InputError("--all_genes: the source lists no gene with a protein of the wanted "
+                         "--biotypes")
+    return dedupe(listed)
 
 
 class GeneRun:
@@ -213,9 +234,18 @@ class GeneRun:
         return [*notes, described] if described else notes
 
     def execute(self) -> RunSummary:
+        cache = self.config.stage.open_cache()
+        try:
+            return self._execute(cache)
+        finally:
+            if cache is not None:
+                cache.close()
+
+    def _execute(self, cache: RowCache | None) -> RunSummary:
         stage = make_stage(self.model, self.store, self.config.embed, self.config.stage,
                            keys=self.keys, model_source=self.config.model.model,
-                           device=self.config.model.device, residues=self.residues)
+                           device=self.config.model.device, residues=self.residues,
+                           cache=cache.view(self.model, self.config.embed) if cache else None)
         stage.start()
         try:
             for query in self.genes.genes.genes:
@@ -258,13 +288,15 @@ class GeneRun:
                    disable=None if self.config.stage.progress else True)
 
         first = True
+        # REST: each gene fsynced as it comes; local files: in batches (see GeneLog)
+        gene_log = GeneLog(self.store, batch=256 if self.config.source.offline else 1)
 
         def accept(gene: GeneIsoforms) -> None:
             nonlocal first
             if first:  # the source knows its release by its first gene: keep it for a resume
                 self.store.record_provenance(**self.source.provenance())
                 first = False
-            self.store.append_genes([gene])
+            gene_log.add(gene)
             self.records[gene.query] = gene
             bar.update(1)
             stage.submit(_named(gene))
@@ -272,7 +304,10 @@ class GeneRun:
         try:
             asyncio.run(_stream(self.source, todo, stage, accept))
         finally:
-            bar.close()
+            try:
+                gene_log.flush()  # on an error too: every gene received is kept
+            finally:
+                bar.close()
 
     # -- finishing ---------------------------------------------------------------------------
     def _finish(self, stage: EmbedStage) -> None:
@@ -291,7 +326,7 @@ class GeneRun:
         self.summary.count(genes, chosen, self.reused, stage)
         if note := synonym_note(chosen.values()):  # SEPT5 -> SEPTIN5, ...
             self.summary.notes.append(note)
-        data = assemble(genes, chosen, self.store.load_rows(), keys=self.keys,
+        data = assemble(genes, chosen, self.store.row_chunks(), keys=self.keys,
                         dim=self.model.embed_dim, meta=self._meta(genes, chosen, aliases),
                         reused=self.reused, matrices=list(self.matrices))
         written = write_esm_file(config.out, data)

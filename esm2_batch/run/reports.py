@@ -309,6 +309,7 @@ class StageCounts(Protocol):
 
     failed: dict[str, tuple[str, str]]
     embedded: int
+    cached: int
     tokens: int
     busy_s: float
 
@@ -329,6 +330,7 @@ class RunSummary:
     isoforms: int = 0
     distinct_sequences: int = 0
     embedded_now: int = 0
+    cached_rows: int = 0  # taken from the shared row cache (store/cache.py)
     reused_rows: int = 0
     tokens: int = 0
     failed: list[str] = field(default_factory=list)
@@ -355,7 +357,8 @@ class RunSummary:
             f"not found: {len(self.not_found)}",
             *self._incomplete_lines(),
             f"isoforms: {self.isoforms}, distinct sequences: {self.distinct_sequences} "
-            f"({self.embedded_now} embedded now, {self.reused_rows} rows reused)",
+            f"({self.embedded_now} embedded now, {self.cached_rows} from the row cache, "
+            f"{self.reused_rows} rows reused)",
             f"tokens embedded: {self.tokens}, failed sequences: {len(self.failed)}",
             f"wall: fetch {self.fetch_s:.1f} s, embed {self.embed_s:.1f} s, "
             f"total {self.wall_s:.1f} s; {self.tokens_per_s:.0f} tokens/s",
@@ -396,6 +399,7 @@ class RunSummary:
         self.distinct_sequences = len({i.sequence for g in chosen.values()
                                        for i in g.isoforms})
         self.embedded_now, self.tokens, self.embed_s = stage.embedded, stage.tokens, stage.busy_s
+        self.cached_rows = stage.cached
         self.failed = sorted(name for name, _ in stage.failed.values())
 
     def _tally(self, query: str, status: str) -> None:

@@ -22,11 +22,13 @@ A sequence that cannot be embedded is recorded in `failed` by key, never dropped
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -34,9 +36,12 @@ from tqdm import tqdm
 
 from esm2_batch.embedding.embed import clean_sequence, embed_rows
 from esm2_batch.embedding.options import EmbedOptions
-from esm2_batch.errors import InputError
+from esm2_batch.errors import InputError, StoreError
 from esm2_batch.models import LoadedModel
+from esm2_batch.store.cache import CacheView, RowCache, open_row_cache
 from esm2_batch.store.keys import RowKeys
+
+log = logging.getLogger("esm2_batch")
 
 Named = tuple[str, str]
 """(name, sequence): a protein ID or a FASTA label, and its residues."""
@@ -83,6 +88,7 @@ class EmbedStage(Protocol):
 
     failed: dict[str, tuple[str, str]]  # sequence key -> (name, error)
     embedded: int  # rows embedded by this stage (reused rows not counted)
+    cached: int  # rows the shared row cache gave (not embedded)
     tokens: int  # tokens embedded, BOS and EOS included
     busy_s: float  # seconds spent embedding
 
@@ -110,46 +116,91 @@ class EmbedStage(Protocol):
 
 class PendingSequences:
     """What every stage shares: distinct sequences not yet embedded, rows handed to the
-    sink, failures recorded by key, and the residues-embedded progress bar."""
+    sink (and to the shared row cache, which also answers before anything is embedded),
+    failures recorded by key, and the residues-embedded progress bar."""
+
+    flush_rows = 256  # rows per sink write
 
     def __init__(self, model: LoadedModel, sink: RowSink, options: EmbedOptions, *,
-                 keys: RowKeys, progress: bool) -> None:
+                 keys: RowKeys, progress: bool, cache: CacheView | None = None) -> None:
         self.model, self.sink, self.options, self.keys = model, sink, options, keys
         self.done: set[str] = sink.embedded_keys()
         self.failed: dict[str, tuple[str, str]] = {}
-        self.embedded = self.tokens = 0
+        self.embedded = self.tokens = self.cached = 0
         self.busy_s = 0.0
         self._pending: dict[str, Named] = {}
+        self.cache: CacheView | None = None
+        self._read_cache = False
+        self.use_cache(cache)
+        self._hits = _RowBatch(self._hand_over, self.flush_rows)
+        self._taken: dict[str, str] = {}  # key -> sequence, embedding now
         self._bar = tqdm(total=0, desc="residues embedded", unit="aa", unit_scale=True,
                          disable=None if progress else True)
 
+    def use_cache(self, cache: CacheView | None) -> None:
+        """Read and fill the shared row cache (store/cache.py); it is only read without
+        per_tok, whose residue states a cached row cannot give."""
+        self.cache = cache
+        self._read_cache = cache is not None and not self.options.per_tok
+
     def _add(self, items: Sequence[Named]) -> None:
+        fresh: dict[str, Named] = {}
         for name, sequence in items:
             key = self.keys.of(sequence)
-            if key in self.done or key in self._pending or key in self.failed:
+            if (key in self.done or key in self._pending or key in self.failed
+                    or key in fresh):
                 continue
             try:
                 clean_sequence(sequence, name=name)
             except InputError as exc:  # one odd sequence must not stop the run
                 self.failed[key] = (name, str(exc))
                 continue
+            fresh[key] = (name, sequence)
+        for key in self._from_cache(fresh):
+            del fresh[key]
+        for key, (name, sequence) in fresh.items():
             self._pending[key] = (name, sequence)
             self._bar.total = (self._bar.total or 0) + self.options.kept(len(sequence))
         self._bar.refresh()
+
+    def _from_cache(self, fresh: dict[str, Named]) -> list[str]:
+        """Keys of `fresh` whose rows the shared cache holds: queued for the sink as they
+        are (the sink gets them with the next embedded ones, or at `_take_pending`)."""
+        if not self._read_cache or not fresh or self.cache is None:
+            return []
+        keys = list(fresh)
+        hits = self.cache.lookup([fresh[k][1] for k in keys])
+        for position, row in hits.items():
+            key = keys[position]
+            self._hits.add(key, row, len(fresh[key][1]))
+            self.done.add(key)
+        self.cached += len(hits)
+        return [keys[p] for p in hits]
+
+    def _hand_over(self, keys: list[str], rows: torch.Tensor, lengths: Sequence[int]) -> None:
+        """Cached rows to the sink (not counted as embedded: no forward pass made them)."""
+        self.sink.add_rows(list(keys), rows)
 
     def _tokens_pending(self) -> int:
         return sum(self.options.tokens(len(s)) for _, s in self._pending.values())
 
     def _take_pending(self) -> list[tuple[str, Named]]:
+        """The pending sequences, to embed now (cached rows found so far go to the sink
+        first, so a run of cache hits is stored before any long forward pass)."""
+        self._hits.flush()
         pending = list(self._pending.items())
         self._pending.clear()
+        self._taken.update((key, sequence) for key, (_, sequence) in pending)
         return pending
 
     def _persist(self, keys: list[str], rows: torch.Tensor, lengths: Sequence[int]) -> None:
-        """Hand rows to the sink and count them (and their tokens) as done."""
+        """Hand rows to the sink (and the shared cache) and count them as done."""
         if not keys:
             return
         self.sink.add_rows(list(keys), rows)
+        sequences = [self._taken.pop(k, "") for k in keys]
+        if self.cache is not None and all(sequences):
+            self.cache.store(sequences, rows)
         self.done.update(keys)
         self.embedded += len(keys)
         self.tokens += sum(self.options.tokens(n) for n in lengths)
@@ -157,6 +208,7 @@ class PendingSequences:
 
     def _fail(self, key: str, name: str, error: str, length: int) -> None:
         self.failed[key] = (name, error)
+        self._taken.pop(key, None)
         self._bar.update(self.options.kept(length))
 
 
@@ -171,13 +223,14 @@ class ThreadStage(PendingSequences, threading.Thread):
     """
 
     window_batches = 8
-    flush_rows = 256
     _CLOSE: Sequence[Named] = (("", ""),)  # a sentinel no caller can submit (empty names)
 
     def __init__(self, model: LoadedModel, sink: RowSink, options: EmbedOptions, *,
                  keys: RowKeys, progress: bool, queue_items: int = 256,
-                 residues: ResidueSink | None = None) -> None:
-        PendingSequences.__init__(self, model, sink, options, keys=keys, progress=progress)
+                 residues: ResidueSink | None = None, cache: CacheView | None = None
+                 ) -> None:
+        PendingSequences.__init__(self, model, sink, options, keys=keys, progress=progress,
+                                  cache=cache)
         self.residues = residues
         if residues is not None:  # a row without its stored states is embedded again
             self.done &= residues.stored_keys()
@@ -299,21 +352,52 @@ class _RowBatch:
 @dataclass(frozen=True)
 class StageOptions:
     """How the embedding stage runs: in this process, or on Ray (`ray` is "local",
-    "auto" or a cluster address; `ray_actors` defaults to one per GPU, else CPUs / 2)."""
+    "auto" or a cluster address; `ray_actors` defaults to one per GPU, else CPUs / 2).
+    `cache`: read and fill the row cache shared across runs (store/cache.py) in
+    `cache_dir` (None: $ESM2_BATCH_CACHE_DIR, else ~/.cache/esm2_batch/rows)."""
 
     ray: str | None = None
     ray_actors: int | None = None
     queue_items: int = 256
     progress: bool = True
+    cache: bool = True
+    cache_dir: Path | None = None
+
+    def open_cache(self) -> RowCache | None:
+        """The run's row cache, or None with --no_cache. A --cache_dir the user named
+        that cannot be opened is a StoreError now; the default one, a warning (the run
+        goes on without a cache it never asked for)."""
+        try:
+            return open_row_cache(self.cache_dir, enabled=self.cache)
+        except StoreError as exc:
+            if self.cache_dir is not None:
+                raise
+            log.warning("%s", exc)
+            return None
 
 
 def make_stage(model: LoadedModel, sink: RowSink, options: EmbedOptions,
                stage: StageOptions, *, keys: RowKeys, model_source: str,
-               device: str | None, residues: ResidueSink | None = None) -> EmbedStage:
+               device: str | None, residues: ResidueSink | None = None,
+               cache: CacheView | None = None) -> EmbedStage:
+    """`make_stage_uncached`'s stage, reading and filling `cache` (the shared row cache;
+    None: not used)."""
+    built = make_stage_uncached(model, sink, options, stage, keys=keys,
+                                model_source=model_source, device=device, residues=residues)
+    if isinstance(built, PendingSequences):
+        built.use_cache(cache)
+    return built
+
+
+def make_stage_uncached(model: LoadedModel, sink: RowSink, options: EmbedOptions,
+                        stage: StageOptions, *, keys: RowKeys, model_source: str,
+                        device: str | None, residues: ResidueSink | None = None
+                        ) -> EmbedStage:
     """The stage `stage` asks for. A Ray actor loads `model_source` (a size, a name or a
     checkpoint path) on `device` as the user gave it (None: a GPU where the cluster has
     one), with the engine and backend `model` was loaded with. `residues` (per_tok) is
-    written by this process only (see `check_per_tok`)."""
+    written by this process in-process, and by the actors themselves on Ray (a
+    ResidueWriter, in a directory every node shares; see `check_per_tok`)."""
     if stage.ray is None:
         return ThreadStage(model, sink, options, keys=keys, progress=stage.progress,
                            queue_items=stage.queue_items, residues=residues)
@@ -321,15 +405,15 @@ def make_stage(model: LoadedModel, sink: RowSink, options: EmbedOptions,
     from esm2_batch.run.ray_stage import RayStage  # Ray is an optional extra
 
     return RayStage(model, sink, options, stage, keys=keys, model_source=model_source,
-                    device=device)
+                    device=device, residues=residues)
 
 
 def check_per_tok(options: EmbedOptions, stage: StageOptions) -> None:
-    """per_tok with --ray is refused before anything runs: [L, dim] states per protein are
-    ~1,000x a pooled row, too much to ship back to the driver, and actors writing shards
-    themselves need an output directory every node shares, which cannot be checked
-    from here. Run per_tok without --ray (one GPU per process)."""
-    if options.per_tok and stage.ray is not None:
-        raise InputError("--include per_tok cannot run with --ray yet: the residue store "
-                         "is written by this process and the states of every protein "
-                         "would cross the cluster; drop --ray (or per_tok)")
+    """What per_tok needs that can be checked from the options alone, before anything
+    runs: nothing more today. per_tok with --ray is allowed: the actors write the
+    residue shards themselves (the states, ~1,000x a pooled row, never cross the
+    cluster) into the output directory, which every node must share. That cannot be
+    known from here, so RayStage.start checks it against the cluster itself (a probe
+    file each node reads back) and a directory the workers cannot see is one InputError
+    line before any fetching or embedding (run/ray_stage.py)."""
+    del options, stage  # kept in the signature: callers check here before any work

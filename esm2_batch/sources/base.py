@@ -53,6 +53,13 @@ class SourceOptions:
     synonyms: bool = True
     synonyms_file: Path | None = None
 
+    @property
+    def offline(self) -> bool:
+        """Whether isoforms come from local files (a FASTA or Ensembl's files), not REST:
+        then a gene is cheap to read again, so a run may record genes in batches."""
+        return (self.isoforms is not None or self.ensembl_files is not None
+                or self.ensembl_release is not None)
+
     def check(self) -> None:
         """One-line InputError for values that would hang (nan), divide by zero (inf, 0),
         or be retried for minutes (a URL that is not http(s)), before any work starts."""
@@ -100,6 +107,11 @@ class IsoformSource(Protocol):
 
     def known_queries(self) -> Sequence[str] | None:
         """The genes the source itself lists (an isoforms FASTA), else None."""
+
+    def all_genes(self) -> Sequence[str] | None:
+        """Every gene the source can list that has a protein of a wanted biotype, in a
+        stable order (so a rerun of --all_genes resumes the same list); None when it
+        cannot list them (REST: no cheap way to enumerate a proteome)."""
 
     def unreachable(self) -> str | None:
         """Why the source cannot be used right now (a server that does not answer), else

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,8 +195,15 @@ class EnsemblFilesIndex:
                  synonyms: SynonymTable | None = None) -> list[GeneIsoforms]:
         """One GeneIsoforms per distinct query, in input order (as fetch_isoforms);
         with `synonyms`, unknown symbols are looked up as previous names and aliases."""
+        return list(self.iter_isoforms(queries, biotypes=biotypes, synonyms=synonyms))
+
+    def iter_isoforms(self, queries: Iterable[str], *,
+                      biotypes: Iterable[str] = DEFAULT_BIOTYPES,
+                      synonyms: SynonymTable | None = None) -> Iterator[GeneIsoforms]:
+        """`isoforms`, one gene at a time: a whole proteome (--all_genes) is never held
+        as records twice over while the run embeds and stores them. The case-fold
+        warning comes once, when the list is exhausted."""
         wanted = set(biotypes)
-        out: list[GeneIsoforms] = []
         folded: list[tuple[str, str]] = []
         distinct = dedupe(queries).genes
         guard = DuplicateGuard.of(distinct)
@@ -205,15 +212,23 @@ class EnsemblFilesIndex:
             if by_case and gene is not None and gene.symbol:
                 folded.append((query, gene.symbol))
             if gene is None and synonyms is not None and worth_a_lookup(query):
-                out.append(self._by_synonym(query, synonyms, guard, wanted))
+                yield self._by_synonym(query, synonyms, guard, wanted)
                 continue
-            out.append(self._record(query, gene, wanted))
+            yield self._record(query, gene, wanted)
         if folded:
             shown = ", ".join(f"{q} -> {s}" for q, s in folded[:5])
             log.warning("%d symbols matched only ignoring case (%s%s); check --species "
                         "(human symbols are upper case, mouse ones capitalised)", len(folded),
                         shown, " ..." if len(folded) > 5 else "")
-        return out
+
+    def all_genes(self, biotypes: Iterable[str] = DEFAULT_BIOTYPES) -> list[str]:
+        """Every gene ID (no version) with a translation of a wanted biotype, sorted: the
+        proteome of --all_genes. Genes on CHR_* patches and haplotypes only (rank 2) are
+        left out: they repeat primary-assembly genes under other IDs, so keeping them
+        would embed those proteins twice."""
+        wanted = set(biotypes)
+        return sorted(g.gene_id for g in self._genes.values()
+                      if g.rank != 2 and any(t.biotype in wanted for t, _ in g.translations))
 
     def _find(self, query: str) -> tuple[_Gene | None, bool]:
         """The gene a query names, and whether it took a case-insensitive match."""
@@ -379,8 +394,8 @@ class EnsemblFilesSource:
                    find_synonym_table(options, Path(directory)), not options.synonyms)
 
     async def stream(self, queries: Sequence[str]) -> AsyncIterator[GeneIsoforms]:
-        for gene in self.index.isoforms(queries, biotypes=self.biotypes,
-                                        synonyms=self.synonyms):
+        for gene in self.index.iter_isoforms(queries, biotypes=self.biotypes,
+                                             synonyms=self.synonyms):
             yield gene
 
     def provenance(self) -> dict[str, str | int]:
@@ -403,3 +418,6 @@ class EnsemblFilesSource:
 
     def known_queries(self) -> Sequence[str] | None:
         return None
+
+    def all_genes(self) -> Sequence[str] | None:
+        return self.index.all_genes(self.biotypes)

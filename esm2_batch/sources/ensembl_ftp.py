@@ -26,6 +26,7 @@ from typing import BinaryIO
 from esm2_batch.errors import EnsemblUnavailableError, InputError
 from esm2_batch.sources.synonyms import synonym_file_url
 from esm2_batch.store.atomic import atomic_write
+from esm2_batch.store.cache import user_cache_root
 
 __all__ = [
     "FTP_BASE_URL",
@@ -113,9 +114,9 @@ def download_commands(species: str, release: int, directory: str | os.PathLike[s
 
 def ensembl_cache_dir(release: int) -> Path:
     """Where `--ensembl_release N` looks by default: $ESM2_BATCH_ENSEMBL_DIR/release-N,
-    else ~/.cache/esm2_batch/ensembl/release-N (files of several species can share it)."""
+    else <user cache>/esm2_batch/ensembl/release-N (files of several species can share it)."""
     root = os.environ.get("ESM2_BATCH_ENSEMBL_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "esm2_batch" / "ensembl"
+    base = Path(root) if root else user_cache_root() / "ensembl"
     return base / f"release-{int(release)}"
 
 

@@ -93,3 +93,6 @@ class IsoformsFastaSource:
 
     def known_queries(self) -> Sequence[str] | None:
         return list(self.genes)
+
+    def all_genes(self) -> Sequence[str] | None:
+        return list(self.genes)  # the file's genes, in file order (as known_queries)

@@ -18,7 +18,7 @@ vector is the same bits whichever tool reads it.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -140,10 +140,14 @@ def _further_matrices(data: dict[str, Any], emb: torch.Tensor, source: str
     return found
 
 
+RowChunks = Iterable[tuple[Sequence[str], torch.Tensor]]
+"""(keys, rows) one chunk at a time, as PartialStore.row_chunks reads them."""
+
+
 def assemble(
     genes: Sequence[str],
     records: Mapping[str, GeneIsoforms],
-    rows: Mapping[str, torch.Tensor],
+    rows: Mapping[str, torch.Tensor] | RowChunks,
     *,
     keys: RowKeys,
     dim: int,
@@ -157,39 +161,70 @@ def assemble(
     them from `reused` (an earlier esm_all.pt made with the same settings). A row of
     `rows` holds the `matrices` side by side ([len(matrices) * dim], the partial store's
     layout); each becomes its own float16 matrix under its key, rows in the same order.
+
+    `rows` is a mapping by key, or chunks read one at a time (PartialStore.row_chunks):
+    the matrices are allocated once at their final size and each chunk is copied in and
+    dropped, so a whole proteome never holds its rows twice (stored chunks plus a
+    stacked copy) while the file is assembled.
     """
-    parts: list[torch.Tensor] = []
     protein_ids: list[str] = []
     index: dict[str, list[int]] = {}
+    fresh: dict[str, list[int]] = {}  # row key -> the output rows it fills
+    old: list[tuple[int, int]] = []  # (output row, reused file's row)
     for gene in genes:
-        ids, gene_rows = _gene_rows(gene, records, rows, keys, reused, matrices)
-        index[gene] = list(range(len(protein_ids), len(protein_ids) + len(ids)))
-        protein_ids += ids
-        parts += gene_rows
-    width = dim * len(matrices)
-    packed = (torch.stack(parts) if parts else torch.zeros(0, width)).to(torch.float16)
-    split = {key: packed[:, n * dim : (n + 1) * dim] for n, key in enumerate(matrices)}
-    if len(matrices) > 1:  # own storage each: torch.save writes a view's whole storage
-        split = {key: matrix.clone() for key, matrix in split.items()}
-    return {**split, "genes": list(genes),
+        first = len(protein_ids)
+        record = records.get(gene)
+        if record is not None:
+            for iso in record.isoforms:
+                fresh.setdefault(keys.of(iso.sequence), []).append(len(protein_ids))
+                protein_ids.append(iso.protein_id)
+        elif reused is not None and gene in reused.gene_to_isoform_indices:
+            for i in reused.rows_of(gene):
+                old.append((len(protein_ids), i))
+                protein_ids.append(reused.protein_ids[i])
+        else:
+            raise StoreError(f"internal: gene {gene!r} has neither a record nor a reused row")
+        index[gene] = list(range(first, len(protein_ids)))
+    out = {key: torch.empty(len(protein_ids), dim, dtype=torch.float16) for key in matrices}
+    if reused is not None and old:
+        dst = torch.tensor([d for d, _ in old], dtype=torch.long)
+        src = torch.tensor([s for _, s in old], dtype=torch.long)
+        for key in matrices:
+            out[key].index_copy_(0, dst, reused.matrix(key).index_select(0, src).to(
+                torch.float16))
+    chunks = _as_chunks(rows, fresh)
+    missing = set(fresh)
+    for chunk_keys, emb in chunks:
+        dst_rows: list[int] = []
+        src_rows: list[int] = []
+        for i, key in enumerate(chunk_keys):
+            targets = fresh.get(key)
+            if targets:
+                dst_rows += targets
+                src_rows += [i] * len(targets)
+                missing.discard(key)
+        if dst_rows:
+            picked = emb.index_select(0, torch.tensor(src_rows, dtype=torch.long))
+            dst = torch.tensor(dst_rows, dtype=torch.long)
+            for n, key in enumerate(matrices):
+                out[key].index_copy_(0, dst, picked[:, n * dim:(n + 1) * dim].to(torch.float16))
+    if missing:
+        raise StoreError(f"{len(missing)} embedded rows are missing from the unfinished run "
+                         "(a damaged rows chunk was dropped?); rerun the same command to "
+                         "embed them again")
+    return {**out, "genes": list(genes),
             "protein_ids": protein_ids, "gene_to_isoform_indices": index, "meta": meta}
 
 
-def _gene_rows(gene: str, records: Mapping[str, GeneIsoforms],
-               rows: Mapping[str, torch.Tensor], keys: RowKeys,
-               reused: EsmFile | None, matrices: Sequence[str]
-               ) -> tuple[list[str], list[torch.Tensor]]:
-    record = records.get(gene)
-    if record is not None:
-        isoforms = record.isoforms
-        return ([i.protein_id for i in isoforms],
-                [rows[keys.of(i.sequence)] for i in isoforms])
-    if reused is not None and gene in reused.gene_to_isoform_indices:
-        old = reused.rows_of(gene)
-        held = [reused.matrix(key) for key in matrices]
-        return ([reused.protein_ids[i] for i in old],
-                [torch.cat([matrix[i] for matrix in held]) for i in old])
-    raise StoreError(f"internal: gene {gene!r} has neither a record nor a reused row")
+def _as_chunks(rows: Mapping[str, torch.Tensor] | RowChunks, wanted: Mapping[str, object]
+               ) -> RowChunks:
+    """Chunks as they are; a mapping as one chunk of the rows `wanted` (small callers)."""
+    if not isinstance(rows, Mapping):
+        return rows
+    present = [key for key in wanted if key in rows]
+    if not present:
+        return []
+    return [(present, torch.stack([rows[key] for key in present]))]
 
 
 def write_esm_file(path: Path, data: dict[str, Any]) -> EsmFile:

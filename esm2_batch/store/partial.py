@@ -26,7 +26,8 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -53,6 +54,7 @@ class PartialStore:
     settings.json   what the rows depend on (model, layer, pooling, truncation, ...);
                     a rerun with other settings is refused unless overwrite=True
     isoforms.jsonl  one fetched GeneIsoforms per line, appended and fsynced as it comes
+                    (from local files in batches: GeneLog)
     rows/NNNNNN.pt  {"keys": [store.keys.RowKeys keys], "emb": float16 [k, width]}, one
                     per flush, each written to a temporary name and renamed; width is
                     dim, or with several layers/poolers (settings["matrices"], n names)
@@ -255,26 +257,68 @@ class PartialStore:
         self._next_chunk += 1
 
     def load_rows(self) -> dict[str, torch.Tensor]:
-        """Every row embedded so far, by sequence key; damaged chunks are dropped."""
+        """Every row embedded so far, by sequence key; damaged chunks are dropped.
+
+        Holds every chunk at once: assembling a large file reads `row_chunks` instead."""
         rows: dict[str, torch.Tensor] = {}
-        for path in self._chunk_files():
-            rows.update(self._read_chunk(path))
+        for keys, emb in self.row_chunks():
+            rows.update(zip(keys, emb, strict=True))
         return rows
 
-    def _read_chunk(self, path: Path) -> dict[str, torch.Tensor]:
-        """One chunk's rows, or none when it is damaged (removed: embedded again)."""
+    def row_chunks(self) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """(keys, rows) of one chunk at a time, in write order (a later chunk's row wins,
+        as in load_rows); damaged chunks are dropped. Only the chunk being read is in
+        memory, so a whole proteome's rows never sit here beside the assembled file."""
+        for path in self._chunk_files():
+            chunk = self._read_chunk(path)
+            if chunk is not None:
+                yield chunk
+
+    def _read_chunk(self, path: Path) -> tuple[list[str], torch.Tensor] | None:
+        """One chunk's keys and rows, or None when it is damaged (removed: embedded
+        again)."""
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-            keys, emb = _chunk_parts(data, row_width(self.settings))
+            return _chunk_parts(data, row_width(self.settings))
         except Exception as exc:  # a damaged file makes torch raise any of many types
             log.warning("%s: damaged rows chunk (%s); removed, its rows will be embedded "
                         "again", path, first_line(exc))
             _delete(path, self.directory)
-            return {}
-        return dict(zip(keys, emb, strict=True))
+            return None
 
     def embedded_keys(self) -> set[str]:
-        return set(self.load_rows())
+        """The keys of every stored row, reading one chunk at a time."""
+        return {key for keys, _ in self.row_chunks() for key in keys}
+
+
+class GeneLog:
+    """Fetched genes on their way to isoforms.jsonl, appended in batches.
+
+    A REST gene costs a rate-limited request, so each is fsynced as it comes
+    (`batch=1`). A local source (Ensembl files, an isoforms FASTA) yields thousands of
+    genes a second, and one fsync each would make a whole-proteome run wait on the disk
+    (on a network file system, minutes for 20,000 genes); there a batch is appended and
+    fsynced every `batch` genes or `seconds`, whichever comes first, and at `flush()`.
+    The promise is unchanged: a gene counts as recorded only once fsynced; one still in
+    the buffer at a kill -9 is simply read from the local files again on the rerun.
+    """
+
+    def __init__(self, store: PartialStore, *, batch: int = 1, seconds: float = 2.0) -> None:
+        self.store, self.batch, self.seconds = store, max(1, batch), seconds
+        self._pending: list[GeneIsoforms] = []
+        self._since = time.monotonic()
+
+    def add(self, gene: GeneIsoforms) -> None:
+        self._pending.append(gene)
+        if (len(self._pending) >= self.batch
+                or time.monotonic() - self._since >= self.seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        """Append and fsync what is buffered (one write, one fsync)."""
+        pending, self._pending = self._pending, []
+        self._since = time.monotonic()
+        self.store.append_genes(pending)
 
 
 class DirectoryLock:

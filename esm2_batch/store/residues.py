@@ -13,10 +13,17 @@ is memory-mapped, so the reader reads one protein's tensor, not its shard; it is
 FastPLMs and Hugging Face write. Proteins with the same sequence share one tensor.
 
 Crash safety: a shard is written to a temporary name and renamed (store.atomic), and only
-then does index.json (also atomic) name it; kill -9 loses at most the shard being filled.
+then does index.json (also atomic) name it; kill -9 loses at most the shards being filled.
 A shard file the index does not name is debris of such a crash and is removed on open;
 its proteins are embedded again. `settings` is what the rows depend on (as in
 store.keys): a store made with other settings or another model is one StoreError line.
+
+Shards written elsewhere (run/ray_stage.py: each Ray actor fills `ShardBuffer`s and
+writes them straight into the store directory, which every node shares, under names
+unique to the actor) are named by this process with `ResidueWriter.adopt`, through the
+same index code as its own shards: the states never travel through the process that
+owns the index, and the crash rule stays one rule (a shard counts once the index names
+it). The index itself has one writer, so adopting needs no locking.
 """
 
 from __future__ import annotations
@@ -33,16 +40,59 @@ from esm2_batch.store.atomic import atomic_json, atomic_path, disk_errors
 from esm2_batch.store.keys import settings_scope
 from esm2_batch.store.partial import describe_difference
 
-__all__ = ["INDEX_FILE", "ResidueStore", "ResidueWriter", "check_residue_settings",
-           "open_residues"]
+__all__ = ["INDEX_FILE", "SHARD_SUFFIX", "ResidueStore", "ResidueWriter", "ShardBuffer",
+           "ShardEntries", "check_residue_settings", "open_residues"]
 
 INDEX_FILE = "index.json"
 FORMAT = 1
 SHARD_SUFFIX = ".safetensors"
 
 
+ShardEntries = Mapping[str, tuple[str, int]]
+"""What a shard holds, by sequence key: (the protein id it was embedded for, its length)."""
+
+
 def _tensor_name(key: str, layer: int) -> str:
     return f"{key}/{layer}"
+
+
+class ShardBuffer:
+    """One shard being filled: float16 states (and optionally float32 pooled rows) by
+    tensor name, and which sequences they are. Both the store's own writer and a Ray
+    actor (which writes its shards itself) fill shards through here, so a shard has one
+    layout whoever wrote it."""
+
+    def __init__(self, layers: Sequence[int], *, keep_rows: bool = False) -> None:
+        self.layers = [int(layer) for layer in layers]
+        self.keep_rows = keep_rows
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.entries: dict[str, tuple[str, int]] = {}  # key -> (first id, length)
+        self.size = 0
+
+    def add(self, key: str, protein_id: str, residues: Sequence[torch.Tensor],
+            row: torch.Tensor | None = None) -> int:
+        """Buffer one sequence's [L, dim] states, one per layer (with `keep_rows` its
+        pooled `row` too); the states' length L."""
+        if len(residues) != len(self.layers):
+            raise ValueError(f"{len(residues)} residue tensors for layers {self.layers}")
+        length = int(residues[0].shape[0])
+        tensors = {_tensor_name(key, layer): states.to(torch.float16)
+                   for layer, states in zip(self.layers, residues, strict=True)}
+        if row is not None and self.keep_rows:
+            tensors[f"{key}/row"] = row.to(torch.float32)
+        for name, tensor in tensors.items():
+            self.tensors[name] = tensor.detach().to("cpu").contiguous().clone()
+            self.size += tensor.nbytes
+        self.entries[key] = (protein_id, length)
+        return length
+
+    def write(self, path: Path) -> None:
+        """Write the shard at `path` atomically (fsynced before its rename, so a shard
+        under its name is whole and durable before any index can name it)."""
+        from safetensors.torch import save_file
+
+        with atomic_path(path, needed_bytes=self.size) as tmp:
+            save_file(self.tensors, str(tmp))
 
 
 class ResidueWriter:
@@ -51,7 +101,8 @@ class ResidueWriter:
     `add` buffers one sequence's states (one [L, dim] per layer, in `layers` order) under
     its sequence key and the protein id it was embedded for; `link` names further protein
     ids of stored sequences; `flush` writes the buffered shard and then the index;
-    `close` flushes what is left. `stored_keys` are the sequences a rerun skips.
+    `adopt` names a shard someone else wrote into the directory (a Ray actor); `close`
+    flushes what is left. `stored_keys` are the sequences a rerun skips.
     """
 
     def __init__(self, directory: Path, settings: dict[str, Any], *,
@@ -63,10 +114,8 @@ class ResidueWriter:
         self.layers = [int(layer) for layer in layers]
         self.dim = dim
         self.shard_bytes = max(1, int(shard_mb * 2**20))
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffered: dict[str, tuple[str, int]] = {}  # key -> (first id, length)
+        self._shard = ShardBuffer(self.layers, keep_rows=keep_rows)
         self._links: dict[str, str] = {}  # protein id -> buffered key, named at flush
-        self._size = 0
         self.index = self._open(overwrite)
         # key -> its index entry (finished shards): `add` asks once per protein
         self._stored: dict[str, dict[str, Any]] = {
@@ -95,7 +144,7 @@ class ResidueWriter:
     # -- writing -------------------------------------------------------------------------
     def stored_keys(self) -> set[str]:
         """Sequence keys in a finished shard (or buffered): never embedded again."""
-        return set(self._stored) | set(self._buffered)
+        return set(self._stored) | set(self._shard.entries)
 
     def add(self, key: str, protein_id: str, residues: Sequence[torch.Tensor],
             row: torch.Tensor | None = None) -> None:
@@ -103,19 +152,11 @@ class ResidueWriter:
         its pooled `row`, float32); flush when a shard is full."""
         if len(residues) != len(self.layers):
             raise ValueError(f"{len(residues)} residue tensors for layers {self.layers}")
-        if key in self._stored or key in self._buffered:
+        if key in self._stored or key in self._shard.entries:
             self.link({protein_id: key})
             return
-        length = int(residues[0].shape[0])
-        tensors = {_tensor_name(key, layer): states.to(torch.float16)
-                   for layer, states in zip(self.layers, residues, strict=True)}
-        if row is not None and self.keep_rows:
-            tensors[f"{key}/row"] = row.to(torch.float32)
-        for name, tensor in tensors.items():
-            self._buffer[name] = tensor.detach().to("cpu").contiguous().clone()
-            self._size += tensor.nbytes
-        self._buffered[key] = (protein_id, length)
-        if self._size >= self.shard_bytes:
+        self._shard.add(key, protein_id, residues, row)
+        if self._shard.size >= self.shard_bytes:
             self.flush()
 
     def link(self, ids: Mapping[str, str]) -> None:
@@ -124,23 +165,46 @@ class ResidueWriter:
         for protein_id, key in ids.items():
             if key in self._stored:
                 self.index["proteins"][protein_id] = dict(self._stored[key])
-            elif key in self._buffered:
+            elif key in self._shard.entries:
                 self._links[protein_id] = key
 
     def flush(self) -> None:
         """Write the buffered shard atomically, then the index that names it."""
-        if self._buffered:
-            from safetensors.torch import save_file
-
+        if self._shard.entries:
             name = f"{len(self.index['shards']):06d}{SHARD_SUFFIX}"
-            path = self.directory / name
-            with atomic_path(path, needed_bytes=self._size) as tmp:
-                save_file(self._buffer, str(tmp))
+            self._shard.write(self.directory / name)  # on errors the buffer stays
+            shard, self._shard = self._shard, ShardBuffer(self.layers,
+                                                          keep_rows=self.keep_rows)
+            self._name(name, shard.entries)
+        self._write_index()
+
+    def adopt(self, name: str, entries: ShardEntries) -> None:
+        """Name a shard another process wrote into this directory (a Ray actor, under a
+        name of its own, with the layout of `ShardBuffer`), holding `entries` (key ->
+        (protein id, length)); the index is written at once, as after `flush`. The shard
+        must already be whole and durable there: only then is it safe to name. Adopting
+        the same shard again (its rows split across deliveries) adds to its entries."""
+        path = self.directory / name
+        if Path(name).name != name or not name.endswith(SHARD_SUFFIX):
+            raise StoreError(f"{path}: not a shard name of this store (a bare "
+                             f"'*{SHARD_SUFFIX}' name)")
+        if not path.is_file():
+            raise StoreError(f"{path}: a worker reported this shard but it is not in the "
+                             "store directory; is the output on a filesystem every node "
+                             "shares?")
+        self._name(name, entries)
+        self._write_index()
+
+    def _name(self, name: str, entries: ShardEntries) -> None:
+        """Record a written shard and its sequences in the index (in memory)."""
+        if name not in self.index["shards"]:
             self.index["shards"].append(name)
-            for key, (protein_id, length) in self._buffered.items():
-                entry = {"shard": name, "length": length, "key": key}
-                self.index["proteins"][protein_id] = self._stored[key] = entry
-            self._buffer, self._buffered, self._size = {}, {}, 0
+        for key, (protein_id, length) in entries.items():
+            entry = {"shard": name, "length": int(length), "key": key}
+            self.index["proteins"][protein_id] = self._stored[key] = entry
+
+    def _write_index(self) -> None:
+        """Name pending links, then write index.json atomically."""
         links, self._links = self._links, {}
         self.link(links)
         atomic_json(self.directory / INDEX_FILE, self.index)

@@ -152,3 +152,17 @@ def test_options_name_their_matrices() -> None:
     assert EmbedOptions().matrices(name="m", num_layers=33) == (("mean", 33),)
     assert EmbedOptions(pooling="bos", repr_layer=4).matrices(name="m", num_layers=6) == (
         ("bos", 4),)
+
+
+def test_per_residue_with_several_layers_returns_every_layer(any_model: LoadedModel) -> None:
+    """It returned the first layer's list alone, dropping the others without a word."""
+    seqs = ["MKTAYIAKQR", "MLSDEDFKAVGG"]
+    model = any_model
+    both = embed_sequences(model, seqs, pooling="per_residue", repr_layers=(2, 1))
+    assert isinstance(both, dict) and list(both) == ["per_residue_layer2", "per_residue_layer1"]
+    for layer in (1, 2):
+        alone = embed_sequences(model, seqs, pooling="per_residue", repr_layer=layer)
+        assert isinstance(alone, list)
+        got = both[f"per_residue_layer{layer}"]
+        assert isinstance(got, list) and [s.shape for s in got] == [(10, EMBED), (12, EMBED)]
+        assert all(torch.equal(a, b) for a, b in zip(alone, got, strict=True))

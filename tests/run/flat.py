@@ -14,7 +14,7 @@ from esm2_batch.sources.base import SourceOptions
 GROUPS: dict[str, type] = {"source": SourceOptions, "model": ModelOptions,
                            "embed": EmbedOptions, "stage": StageOptions,
                            "output": OutputOptions}
-TOP = ("hvg_file", "id_column")
+TOP = ("hvg_file", "id_column", "all_genes")
 
 
 def make_config(**flat: Any) -> RunConfig:

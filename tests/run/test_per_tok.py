@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from esm2_batch.cli import app
 from esm2_batch.embedding.embed import Embedded, embed_rows
 from esm2_batch.embedding.options import EmbedOptions, LongSeqs
-from esm2_batch.errors import InputError, StoreError
+from esm2_batch.errors import StoreError
 from esm2_batch.models import LoadedModel
 from esm2_batch.run import fasta_mode, stages
 from esm2_batch.run.fasta_mode import run_fasta
@@ -112,15 +112,12 @@ def test_fasta_resume_embeds_only_what_no_finished_shard_holds(
     assert sorted(open_residues(store)) == sorted(SEQUENCES)
 
 
-def test_fasta_refuses_another_models_store_and_ray(tmp_path: Path, fasta: Path,
+def test_fasta_refuses_another_models_store(tmp_path: Path, fasta: Path,
                                                     model: LoadedModel) -> None:
     ResidueWriter(tmp_path / "in_residues", {"model": "other"}, layers=[2], dim=32).close()
     with pytest.raises(StoreError, match="residue store made with other settings"):
         run_fasta([fasta], model=model, embed=EmbedOptions(per_tok=True))
     assert not (tmp_path / "in_ESM.pt").exists()
-    with pytest.raises(InputError, match="per_tok cannot run with --ray"):
-        run_fasta([fasta], model=model, embed=EmbedOptions(per_tok=True),
-                  stage=StageOptions(ray="local"))
 
 
 def test_cli_include_per_tok_alone(tmp_path: Path, fasta: Path, checkpoint: Path) -> None:
@@ -140,9 +137,6 @@ def test_gene_mode_per_tok(tmp_path: Path, model: LoadedModel) -> None:
     with FakeEnsembl(GENES).running_in_thread() as url:
         config = make_config(hvg_file=hvg, out=tmp_path / "esm_all.pt", ensembl_url=url,
                              rate_limit=1000.0, progress=False, per_tok=True)
-        with pytest.raises(InputError, match="--ray"):
-            run(make_config(hvg_file=hvg, out=tmp_path / "x.pt", ray="local", per_tok=True),
-                model=model)
         run(make_config(hvg_file=hvg, out=tmp_path / "plain.pt", ensembl_url=url,
                         rate_limit=1000.0, progress=False), model=model)
         run(config, model=model)

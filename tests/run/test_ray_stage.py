@@ -4,7 +4,6 @@ Few and marked `ray`: one session-scoped cluster costs seconds to start."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,23 +21,10 @@ from tests.run.flat import make_config, with_flags
 from tests.tolerance import stored_tolerance, tolerance
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
 GENES = [braf(), *synthetic_genes(45, coding=3, nmd=0)]  # 140 rows: 3 Ray tasks
 QUERIES = ["BRAF", "NOPE", *[g.symbol for g in GENES[1:]]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster() -> Iterator[None]:
-    import os
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20,
-                 log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture

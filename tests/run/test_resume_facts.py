@@ -113,4 +113,7 @@ def test_overwrite_replaces_what_a_reuse_would_keep(tmp_path: Path, fake: FakeEn
     config = config_for(tmp_path, fake, ["BRAF"])
     run(config, model=model)
     summary = run(with_flags(config, overwrite=True), model=model)
-    assert summary.reused_rows == 0 and summary.embedded_now > 0
+    assert summary.reused_rows == 0  # the old file's rows are not kept ...
+    assert summary.cached_rows == summary.distinct_sequences > 0  # ... the cache's are
+    uncached = run(with_flags(config, overwrite=True, cache=False), model=model)
+    assert uncached.reused_rows == 0 and uncached.embedded_now == summary.distinct_sequences

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from esm2_batch.errors import EnsemblUnavailableError, InputError
+from esm2_batch.sources.base import SourceOptions, open_source
 from esm2_batch.sources.ensembl_files import (
     EnsemblFilesIndex,
     isoforms_from_files,
@@ -125,6 +126,58 @@ def test_isoforms_from_a_directory_for_mouse(tmp_path: Path) -> None:
                                 species="mus_musculus", release=112)
     assert [g.query for g in found] == ["GENE0001", "Gene0002"]
     assert all(g.status == "ok" for g in found)
+
+
+# -- the whole proteome (--all_genes) and streaming -----------------------------------------
+def test_all_genes_lists_coding_primary_genes_sorted(tmp_path: Path) -> None:
+    genes = table()  # GENE0007 and GENE0014: lncRNA, no translation
+    patch = patch_copy(genes[3], 2)  # a patch-only gene ID with proteins
+    index = index_for(tmp_path, genes, patches=[patch])
+    coding = sorted(g.gene_id for g in genes if g.symbol not in ("GENE0007", "GENE0014"))
+    assert index.all_genes() == coding
+    assert patch.gene_id not in index.all_genes(NMD)
+    assert all(g.status == "ok" and g.isoforms[0].is_canonical
+               for g in index.isoforms(index.all_genes()))
+
+
+def test_all_genes_follows_the_biotypes(tmp_path: Path) -> None:
+    nmd_only = synthetic_genes(2, coding=0, nmd=1, start=50)  # NMD translations only
+    index = index_for(tmp_path, [*synthetic_genes(3), *nmd_only])
+    assert [g for g in index.all_genes() if g in {n.gene_id for n in nmd_only}] == []
+    assert {n.gene_id for n in nmd_only} <= set(index.all_genes(NMD))
+
+
+async def test_the_source_streams_lazily_and_lists_all_genes(tmp_path: Path) -> None:
+    genes = table()
+    write_ensembl_files(tmp_path, genes)
+    source = open_source(SourceOptions(ensembl_files=tmp_path, ensembl_release=110))
+    listed = source.all_genes()
+    assert listed is not None and len(listed) == len(genes) - 2
+    stream = source.stream(list(listed))
+    first = await anext(stream)  # an async generator: nothing built for the rest yet
+    assert first.query == listed[0] and first.status == "ok"
+    rest = [g async for g in stream]
+    assert [g.query for g in rest] == list(listed[1:])
+
+
+def test_iter_isoforms_is_an_iterator_with_the_case_warning_at_the_end(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    index = index_for(tmp_path, table())
+    records = index.iter_isoforms(["braf", "GENE0001"])
+    assert not isinstance(records, list)
+    with caplog.at_level(logging.WARNING, logger="esm2_batch"):
+        assert next(records).symbol == "BRAF"
+        assert "ignoring case" not in caplog.text  # warned once the list is done
+        assert [g.query for g in records] == ["GENE0001"]
+    assert "braf -> BRAF" in caplog.text
+
+
+def test_other_sources_list_genes_or_say_they_cannot(tmp_path: Path) -> None:
+    fasta = tmp_path / "iso.fa"
+    fasta.write_text(">ENSP1 gene=B gene_id=ENSG2 transcript=ENST1 canonical=1\nMKV\n"
+                     ">ENSP2 gene=A gene_id=ENSG1 transcript=ENST2 canonical=1\nMKL\n")
+    assert open_source(SourceOptions(isoforms=fasta)).all_genes() == ["B", "A"]
+    assert open_source(SourceOptions()).all_genes() is None
 
 
 # -- finding files -------------------------------------------------------------------------

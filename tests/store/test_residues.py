@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from esm2_batch.errors import StoreError
-from esm2_batch.store.residues import INDEX_FILE, ResidueWriter, open_residues
+from esm2_batch.store.residues import INDEX_FILE, ResidueWriter, ShardBuffer, open_residues
 
 SETTINGS = {"model": "tiny", "weights": "abc", "layer": 2}
 
@@ -75,3 +75,42 @@ def test_other_settings_are_one_line(tmp_path: Path) -> None:
     assert open_residues(store).settings["weights"] == "xyz"
     with pytest.raises(StoreError, match="not a residue store"):
         open_residues(tmp_path)
+
+
+def test_adopt_names_a_shard_written_elsewhere(tmp_path: Path) -> None:
+    """A Ray actor's shard (ShardBuffer, a name of its own) joins the index as the
+    writer's own shards do; one never adopted is debris on the next open."""
+    store = tmp_path / "res"
+    writer = ResidueWriter(store, SETTINGS, layers=[1, 2], dim=8, keep_rows=True)
+    states = {n: _states(10 + n, n, layers=2) for n in range(4)}
+    remote = ShardBuffer([1, 2], keep_rows=True)
+    for n in (0, 1):
+        assert remote.add(f"k{n}", f"P{n}", states[n], torch.ones(3)) == 10 + n
+    remote.write(store / "ray-a-000000.safetensors")
+    orphan = ShardBuffer([1, 2])
+    orphan.add("k3", "P3", states[3])
+    orphan.write(store / "ray-b-000000.safetensors")  # its driver died before adopting
+    writer.adopt("ray-a-000000.safetensors", {"k0": ("P0", 10)})
+    writer.adopt("ray-a-000000.safetensors", {"k1": ("P1", 11)})  # rows split in two
+    assert writer.stored_keys() == {"k0", "k1"}
+    writer.add("k2", "P2", states[2])
+    writer.add("k0", "P0-alias", states[0])  # a stored sequence: linked, not stored again
+    writer.close()
+    index = json.loads((store / INDEX_FILE).read_text())
+    assert index["shards"] == ["ray-a-000000.safetensors", "000001.safetensors"]
+    assert set(writer.stored_rows()) == {"k0", "k1"}
+    reader = open_residues(store)
+    assert set(reader) == {"P0", "P0-alias", "P1", "P2"}
+    for n in (0, 1, 2):
+        torch.testing.assert_close(reader.residues(f"P{n}", 2), states[n][1].half())
+    ResidueWriter(store, SETTINGS, layers=[1, 2], dim=8).close()
+    assert not (store / "ray-b-000000.safetensors").exists()
+
+
+def test_adopt_refuses_what_is_not_a_shard_of_the_store(tmp_path: Path) -> None:
+    writer = ResidueWriter(tmp_path / "res", SETTINGS, layers=[2], dim=8)
+    with pytest.raises(StoreError, match="not in the store directory"):
+        writer.adopt("ray-a-000000.safetensors", {"k0": ("P0", 3)})
+    with pytest.raises(StoreError, match="not a shard name"):
+        writer.adopt("../x.safetensors", {"k0": ("P0", 3)})
+    assert writer.proteins == set()

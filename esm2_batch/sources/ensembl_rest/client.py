@@ -435,6 +435,9 @@ class EnsemblRestSource:
     def known_queries(self) -> Sequence[str] | None:
         return None
 
+    def all_genes(self) -> Sequence[str] | None:
+        return None  # REST cannot list a proteome cheaply: --all_genes needs the files
+
     def unreachable(self) -> str | None:
         """One GET /info/data; only a server that cannot be reached counts (a 404 from a
         mirror without /info is still a server)."""
