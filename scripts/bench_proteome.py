@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402  (after the path line, as the other benchmarks)
 
+from scripts.bench_embed import cpu_model  # noqa: E402
 from tests.fakes.tiny_esm import write_random_checkpoint  # noqa: E402
 
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
@@ -128,7 +129,9 @@ def main() -> None:
                            str(args.toks_per_batch), "-q"]
                 if per_tok:
                     command += ["--include", "mean", "per_tok"]
-                code, wall, rss = run_child(command, env)
+                # an empty row cache of its own: every run embeds (and caches) all rows
+                cache = {"ESM2_BATCH_CACHE_DIR": str(out.parent / "row_cache")}
+                code, wall, rss = run_child(command, {**env, **cache})
                 if code != 0:
                     raise SystemExit(f"esm2-batch exited {code} for {n} proteins")
                 rows = int(torch.load(out, weights_only=True)["emb"].shape[0])
@@ -158,7 +161,8 @@ def main() -> None:
               f"{large['proteins'] / small['proteins']:.0f}x the proteins")
     print(json.dumps({"bench": "proteome", "arch": args.arch, "results": results,
                       "ratios": ratios, "torch": str(torch.__version__),
-                      "cpus": os.cpu_count(), "python": platform.python_version()}))
+                      "cpus": os.cpu_count(), "cpu": cpu_model(),
+                      "python": platform.python_version()}))
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -368,3 +368,26 @@ def renamed(genes: list[FakeGene], renames: dict[str, str]) -> list[FakeGene]:
             gene.synonyms.append(gene.symbol)
             gene.symbol = renames[gene.symbol]
     return genes
+
+
+Start = Callable[..., Awaitable[FakeEnsembl]]
+"""start(genes=None, **FakeEnsembl options) -> a running fake server."""
+
+
+@asynccontextmanager
+async def started_servers(default: Callable[[], list[FakeGene]]) -> AsyncIterator[Start]:
+    """Start fake servers in the running loop on demand (`default()` genes unless told
+    otherwise); every one is stopped afterwards, whatever the test did."""
+    started: list[FakeEnsembl] = []
+
+    async def start(genes: list[FakeGene] | None = None, **options: Any) -> FakeEnsembl:
+        fake = FakeEnsembl(genes if genes is not None else default(), **options)
+        await fake.start()
+        started.append(fake)
+        return fake
+
+    try:
+        yield start
+    finally:
+        for fake in started:
+            await fake.stop()

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from esm2_batch.models import LoadedModel
 from esm2_batch.outputs.export import export_genes
@@ -23,15 +20,6 @@ GENES = [FakeGene(f"ENSG{900000100 + i:011d}", f"UMASK{i}",
                   [FakeTranscript(f"ENST{900000100 + i:011d}", "protein_coding", True,
                                   f"ENSP{900000100 + i:011d}", seq)])
          for i, seq in enumerate(["MKTAYIAKQRQISFVKSHFSRQ", "MSLEQKKGADIISKILQIQNS"])]
-
-
-@pytest.fixture(params=sorted(FILE_MODES), ids=lambda m: f"umask{m:03o}")
-def umask(request: pytest.FixtureRequest) -> Iterator[int]:
-    old = os.umask(request.param)
-    try:
-        yield request.param
-    finally:
-        os.umask(old)
 
 
 def mode(path: Path) -> int:

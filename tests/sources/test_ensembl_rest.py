@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,31 +17,26 @@ from esm2_batch.errors import (
 )
 from esm2_batch.sources.ensembl_rest import EnsemblClient, PauseGate, RetryPolicy
 from esm2_batch.sources.ensembl_rest.parse import index_sequences, parse_gene
-from tests.fakes.ensembl import FIXTURES, FakeEnsembl, Fault, braf, synthetic_genes
+from tests.fakes.ensembl import (
+    FIXTURES,
+    FakeEnsembl,
+    Fault,
+    Start,
+    braf,
+    started_servers,
+    synthetic_genes,
+)
 
 BRAF_CANONICAL = "ENSP00000493543"
 BRAF_CODING = ["ENSP00000493543", "ENSP00000496776", "ENSP00000288602", "ENSP00000419060",
                "ENSP00000495858"]  # canonical, then 807, 806, 767, 172 residues
 NMD = ("protein_coding", "nonsense_mediated_decay")
 
-Start = Callable[..., Awaitable[FakeEnsembl]]
-
-
 @pytest.fixture
 async def serve() -> AsyncIterator[Start]:
     """Start fake servers in the test's loop; stop them afterwards."""
-    started: list[FakeEnsembl] = []
-
-    async def start(genes: list | None = None, **options: object) -> FakeEnsembl:
-        fake = FakeEnsembl(genes if genes is not None else [braf(), *synthetic_genes(20)],
-                           **options)
-        await fake.start()
-        started.append(fake)
-        return fake
-
-    yield start
-    for fake in started:
-        await fake.stop()
+    async with started_servers(lambda: [braf(), *synthetic_genes(20)]) as start:
+        yield start
 
 
 def client(fake: FakeEnsembl, **options: object) -> EnsemblClient:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,10 @@ from tests.fakes.ensembl import (
     FakeEnsembl,
     FakeGene,
     Fault,
+    Start,
     genes_for_symbols,
     renamed,
+    started_servers,
     synthetic_genes,
 )
 from tests.fakes.ensembl_files import patch_copy, write_ensembl_files, write_synonym_table
@@ -34,9 +36,6 @@ HVG = ROOT / "data" / "hvg_pbmc3k_seurat_v3_top2000.txt"
 RENAMES = {"SEPT5": "SEPTIN5", "KIAA0101": "PCLAF", "H2AFZ": "H2AZ1", "C14orf1": "ERG28",
            "FAM96A": "CIAO2A", "SEPT11": "SEPTIN11", "KIAA1429": "VIRMA",
            "C17orf62": "CYBC1", "C21orf33": "GATD3A", "FAM96B": "CIAO2B"}
-
-Start = Callable[..., Awaitable[FakeEnsembl]]
-
 
 def table() -> list[FakeGene]:
     """GENE0001..: GENE0001 is now SEPTIN5 (was SEPT5, alias PNUTL2); GENE0002 and
@@ -53,17 +52,8 @@ def table() -> list[FakeGene]:
 
 @pytest.fixture
 async def serve() -> AsyncIterator[Start]:
-    started: list[FakeEnsembl] = []
-
-    async def start(genes: list[FakeGene] | None = None, **options: Any) -> FakeEnsembl:
-        fake = FakeEnsembl(genes if genes is not None else table(), **options)
-        await fake.start()
-        started.append(fake)
-        return fake
-
-    yield start
-    for fake in started:
-        await fake.stop()
+    async with started_servers(table) as start:
+        yield start
 
 
 def client(fake: FakeEnsembl, **options: Any) -> EnsemblClient:

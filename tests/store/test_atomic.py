@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,16 +26,6 @@ from esm2_batch.store.atomic import (
 
 # umask -> (file mode, directory mode) any file or directory the user creates gets
 MODES = {0o022: (0o644, 0o755), 0o077: (0o600, 0o700)}
-
-
-@pytest.fixture(params=sorted(MODES), ids=lambda m: f"umask{m:03o}")
-def umask(request: pytest.FixtureRequest) -> Iterator[int]:
-    """Run the test under this umask; the old one comes back whatever happens."""
-    old = os.umask(request.param)
-    try:
-        yield request.param
-    finally:
-        os.umask(old)
 
 
 def mode(path: Path) -> int:
