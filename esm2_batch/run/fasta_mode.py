@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from esm2_batch.embedding.embed import clean_sequence
 from esm2_batch.embedding.options import EmbedOptions, matrix_name
+from esm2_batch.embedding.sequences import clean_sequence
 from esm2_batch.errors import InputError, StoreError
 from esm2_batch.models import LoadedModel
 from esm2_batch.outputs.per_file import check_per_file_dir, write_per_file

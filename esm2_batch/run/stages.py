@@ -34,8 +34,9 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from esm2_batch.embedding.embed import clean_sequence, embed_rows
+from esm2_batch.embedding.embed import embed_rows
 from esm2_batch.embedding.options import EmbedOptions
+from esm2_batch.embedding.sequences import clean_sequence
 from esm2_batch.errors import InputError, StoreError
 from esm2_batch.models import LoadedModel
 from esm2_batch.store.cache import CacheView, RowCache, open_row_cache

@@ -12,7 +12,8 @@ import torch
 
 from esm2_batch.embedding import embed
 from esm2_batch.embedding.batching import plan_windows
-from esm2_batch.embedding.embed import Embedded, clean_sequence, embed_sequences, iter_embeddings
+from esm2_batch.embedding.embed import Embedded, embed_sequences, iter_embeddings
+from esm2_batch.embedding.sequences import clean_sequence
 from esm2_batch.errors import EmbeddingError, InputError
 from esm2_batch.models import LoadedModel, load_model, representations
 from tests.fakes.tiny_esm import fair_esm_states, write_tiny_checkpoint
