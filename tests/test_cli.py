@@ -164,7 +164,7 @@ def test_reference_engine_gives_the_same_rows(tmp_path: Path, hvg: Path, url: st
         out = tmp_path / f"{engine}.pt"
         code, _, err = invoke("--hvg_file", str(hvg), "--out", str(out), "--model_path",
                               str(checkpoint), "--ensembl_url", url, "--rate_limit", "100",
-                              "--engine", engine, "-q")
+                              "--engine", engine, "--no_cache", "-q")  # both compute
         assert code == 0, err
         data = torch.load(out, weights_only=True)
         assert data["meta"]["engine"] == engine

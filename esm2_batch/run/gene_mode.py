@@ -62,7 +62,10 @@ from esm2_batch.store.partial import GeneLog, PartialStore, describe_difference
 from esm2_batch.store.residues import ResidueWriter
 from esm2_batch.version import package_version
 
-__all__ = ["matrix_keys", "partial_dir", "residues_path", "run", "run_settings"]
+ROW_CACHE_ENGINE = "row-cache"
+"""meta["engine"]'s name for rows taken from the shared row cache (store/cache.py)."""
+
+__all__ = ["ROW_CACHE_ENGINE", "matrix_keys", "partial_dir", "residues_path", "run", "run_settings"]
 
 
 def run(config: RunConfig, *, model: LoadedModel | None = None) -> RunSummary:
@@ -257,6 +260,8 @@ class GeneRun:
             stage.finish()
             if stage.embedded:
                 self.store.record_provenance(engines=[self.model.engine])
+            if stage.cached:  # rows an earlier run computed, same weights and settings
+                self.store.record_provenance(engines=[ROW_CACHE_ENGINE])
         finally:
             stage.stop()
             if self.residues is not None:  # finished proteins' states survive an error

@@ -59,6 +59,9 @@ def test_another_list_in_another_project_embeds_only_its_new_sequences(
     shared = set(old) & set(now)
     assert shared and all(torch.equal(old[p], now[p]) for p in shared)
     assert any("from the row cache" in line for line in second.lines())
+    engines = (read_esm_file(tmp_path / "a.pt").meta["engine"],
+               read_esm_file(tmp_path / "b.pt").meta["engine"])
+    assert engines == (model.engine, f"{model.engine}+row-cache")  # meta says where rows came from
 
 
 def test_no_cache_neither_reads_nor_writes(tmp_path: Path, url: str, model: LoadedModel,
