@@ -37,9 +37,12 @@ if TYPE_CHECKING:
         StoreError,
     )
     from esm2_batch.models import ESM2_MODELS, LoadedModel, load_model
+    from esm2_batch.nn import AugmentedGeneEmbedding, GeneEmbeddingConfig, load_esm_matrix
     from esm2_batch.records import GeneIsoforms, Isoform
     from esm2_batch.sources.ensembl_rest.client import EnsemblClient, fetch_isoforms
     from esm2_batch.sources.gene_lists import read_gene_list
+    from esm2_batch.store.esm_file import EsmFile, GeneVectors, gene_vectors, read_esm_file
+    from esm2_batch.store.residues import ResidueStore, open_residues
 
 _WHERE = {
     "Embedded": "esm2_batch.embedding.embed",
@@ -60,27 +63,46 @@ _WHERE = {
     "EnsemblClient": "esm2_batch.sources.ensembl_rest.client",
     "fetch_isoforms": "esm2_batch.sources.ensembl_rest.client",
     "read_gene_list": "esm2_batch.sources.gene_lists",
+    # the readers: esm_all.pt (and its gene vectors), the per_tok residue store, the model
+    "EsmFile": "esm2_batch.store.esm_file",
+    "GeneVectors": "esm2_batch.store.esm_file",
+    "gene_vectors": "esm2_batch.store.esm_file",
+    "read_esm_file": "esm2_batch.store.esm_file",
+    "ResidueStore": "esm2_batch.store.residues",
+    "open_residues": "esm2_batch.store.residues",
+    "AugmentedGeneEmbedding": "esm2_batch.nn",
+    "GeneEmbeddingConfig": "esm2_batch.nn",
+    "load_esm_matrix": "esm2_batch.nn",
 }
 
 __all__ = [
     "ESM2_MODELS",
+    "AugmentedGeneEmbedding",
     "EmbedOptions",
     "Embedded",
     "EmbeddingError",
     "EnsemblClient",
     "EnsemblError",
     "Esm2BatchError",
+    "EsmFile",
+    "GeneEmbeddingConfig",
     "GeneIsoforms",
+    "GeneVectors",
     "InputError",
     "Isoform",
     "LoadedModel",
     "ModelError",
+    "ResidueStore",
     "StoreError",
     "__version__",
     "embed_sequences",
     "fetch_isoforms",
+    "gene_vectors",
     "iter_embeddings",
+    "load_esm_matrix",
     "load_model",
+    "open_residues",
+    "read_esm_file",
     "read_gene_list",
 ]
 

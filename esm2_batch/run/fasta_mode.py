@@ -39,7 +39,8 @@ from esm2_batch.embedding.sequences import clean_sequence
 from esm2_batch.errors import InputError, StoreError
 from esm2_batch.models import LoadedModel
 from esm2_batch.outputs.per_file import check_per_file_dir, write_per_file
-from esm2_batch.run.stages import MemorySink, StageOptions, check_per_tok, make_stage
+from esm2_batch.run.stage_factory import make_stage
+from esm2_batch.run.stages import MemorySink, StageOptions
 from esm2_batch.sources.fasta import read_fasta
 from esm2_batch.store.atomic import atomic_save
 from esm2_batch.store.cache import CacheView
@@ -115,7 +116,6 @@ def run_fasta(inputs: Sequence[Path], *, model: LoadedModel, out_dir: Path | Non
     options.check(name=model.name, num_layers=model.num_layers,
                   max_residues=model.max_residues)
     stage = stage or StageOptions()
-    check_per_tok(options, stage)
     settings = fasta_settings(model, options)
     outputs = [fasta_output(source, out_dir) for source in inputs]
     if options.per_tok and not overwrite:  # another model's store: refused before any work

@@ -29,36 +29,35 @@ import datetime as dt
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from esm2_batch.embedding.batching import SPECIAL_TOKENS
 from esm2_batch.embedding.options import Matrix, matrix_name
-from esm2_batch.errors import InputError, ModelError, StoreError
+from esm2_batch.errors import ModelError, StoreError
 from esm2_batch.models import LoadedModel
 from esm2_batch.records import GeneIsoforms, settled_status
 from esm2_batch.run.config import RunConfig
+from esm2_batch.run.gene_inputs import Genes, check_budget, check_outputs, reusable_file
 from esm2_batch.run.reports import RunSummary, synonym_note, write_side_files
-from esm2_batch.run.stages import EmbedStage, check_per_tok, make_stage
-from esm2_batch.sources.base import IsoformSource, open_source
-from esm2_batch.sources.gene_lists import GeneList, dedupe, merge_spellings, read_gene_list
-from esm2_batch.sources.h5ad_genes import H5adGenes, read_h5ad_genes
+from esm2_batch.run.stage_factory import make_stage
+from esm2_batch.run.stages import EmbedStage
+from esm2_batch.sources.base import IsoformSource
+from esm2_batch.sources.factory import open_source
+from esm2_batch.sources.gene_lists import merge_spellings
 from esm2_batch.sources.isoforms_fasta import write_isoforms_fasta
-from esm2_batch.store.atomic import check_writable
 from esm2_batch.store.cache import RowCache
 from esm2_batch.store.esm_file import (
     MATRIX_PREFIX,
     EsmFile,
     assemble,
-    read_esm_file,
     write_esm_file,
 )
 from esm2_batch.store.keys import RowKeys, settings_scope
-from esm2_batch.store.partial import GeneLog, PartialStore, describe_difference
+from esm2_batch.store.partial import GeneLog, PartialStore
 from esm2_batch.store.residues import ResidueWriter
 from esm2_batch.version import package_version
 
@@ -119,49 +118,6 @@ def matrix_keys(config: RunConfig, model: LoadedModel) -> dict[str, Matrix]:
             for n, m in enumerate(matrices)}
 
 
-@dataclass
-class Genes:
-    """The queries of a run and, for an .h5ad list, the file they came from."""
-
-    genes: GeneList
-    h5ad: H5adGenes | None
-
-    @classmethod
-    def read(cls, config: RunConfig, source: IsoformSource) -> Genes:
-        """--all_genes (every gene the source lists), --hvg_file (a list or an .h5ad),
-        else the genes an isoforms FASTA lists."""
-        hvg = config.hvg_file
-        if config.all_genes:
-            return cls(_all_genes(hvg, source), None)
-        if hvg is not None and hvg.suffix == ".h5ad":
-            h5ad = read_h5ad_genes(hvg, id_column=config.id_column)
-            return cls(h5ad.genes, h5ad)
-        if hvg is not None:
-            return cls(read_gene_list(hvg), None)
-        known = source.known_queries()
-        if known:
-            return cls(dedupe(known), None)
-        raise InputError("no genes: pass --hvg_file FILE (one gene per line, or .h5ad) or "
-                         "--isoforms FASTA")
-
-
-def _all_genes(hvg: Path | None, source: IsoformSource) -> GeneList:
-    """The source's whole proteome as the gene list; one InputError line when the flags
-    contradict each other or the source cannot list its genes (REST), before any work."""
-    if hvg is not None:
-        raise InputError(f"--all_genes and --hvg_file {hvg}: give one of them (--all_genes "
-                         "embeds every gene of the species that has a protein)")
-    listed = source.all_genes()
-    if listed is None:
-        raise InputError("--all_genes needs the offline Ensembl files: pass --ensembl_files "
-                         "DIR or --ensembl_release N ('esm2-batch download' fetches them); "
-                         "Ensembl REST cannot list every gene")
-    if not listed:
-        raise InputError("--all_genes: the source lists no gene with a protein of the wanted "
-                         "--biotypes")
-    return dedupe(listed)
-
-
 class GeneRun:
     """One run's state, so its steps share it instead of passing it along."""
 
@@ -169,19 +125,18 @@ class GeneRun:
         self.config = config
         self.started = time.perf_counter()
         config.embed.check_values()
-        check_per_tok(config.embed, config.stage)
         self.source = open_source(config.source)
         self.genes = Genes.read(config, self.source)
-        _check_outputs(config, self.genes)
+        check_outputs(config, self.genes)
         self.model = model or self._load_model()
         # an unset --truncation is the model's own context (1,022 ESM2, 2,046 FastESM2/ESM C)
         self.config = config = replace(
             config, embed=config.embed.for_model(self.model.max_residues))
-        _check_budget(config, self.model)
+        check_budget(config, self.model)
         self.settings = run_settings(config, self.model)
         self.matrices = matrix_keys(config, self.model)
         self.keys = RowKeys(settings_scope(self.settings))
-        self.reused = _reusable(config, self.settings)
+        self.reused = reusable_file(config, self.settings)
         self.store = PartialStore(partial_dir(config.out), self.settings,
                                   overwrite=config.output.overwrite)
         try:
@@ -439,48 +394,6 @@ async def _stream(source: IsoformSource, todo: list[str], stage: EmbedStage,
 
 def _named(gene: GeneIsoforms) -> list[tuple[str, str]]:
     return [(iso.protein_id, iso.sequence) for iso in gene.isoforms]
-
-
-def _check_outputs(config: RunConfig, genes: Genes) -> None:
-    """Fail now, not after the run, if an output cannot be written."""
-    check_writable(config.out, flag="--out", example="esm_all.pt")
-    if config.output.write_h5ad is not None:
-        if genes.h5ad is None:
-            raise InputError("--write_h5ad needs an .h5ad --hvg_file to copy")
-        from esm2_batch.outputs.h5ad import check_h5ad_paths
-
-        check_h5ad_paths(genes.h5ad.path, config.output.write_h5ad)
-
-
-def _check_budget(config: RunConfig, model: LoadedModel) -> None:
-    config.embed.layer_indices(name=model.name, num_layers=model.num_layers)  # too deep
-    if "per_residue" in config.embed.poolers:
-        raise InputError("gene mode stores pooled rows: pooling 'per_residue' is for "
-                         "embed_sequences / iter_embeddings")
-    truncation = config.embed.for_model(model.max_residues).cut
-    budget = config.embed.toks_per_batch
-    if truncation > model.max_residues:
-        raise InputError(f"--truncation {truncation} exceeds {model.name}'s context "
-                         f"of {model.max_residues} residues; lower it, or use --long_seqs "
-                         "window to cover long proteins whole")
-    need = min(truncation, model.max_residues) + SPECIAL_TOKENS
-    if budget < need:
-        raise InputError(f"--toks_per_batch {budget} cannot hold one sequence of "
-                         f"{need - SPECIAL_TOKENS} residues; use at least {need} or lower "
-                         "--truncation")
-
-
-def _reusable(config: RunConfig, settings: dict[str, Any]) -> EsmFile | None:
-    """An existing esm_all.pt whose rows can be reused, or None (or an error)."""
-    if not config.out.exists() or config.output.overwrite:
-        return None
-    existing = read_esm_file(config.out)
-    old = existing.meta.get("settings")
-    if old != settings:
-        diff = describe_difference(old or {}, settings) if isinstance(old, dict) else "none"
-        raise StoreError(f"{config.out}: exists with other settings ({diff}); pass "
-                         "--overwrite to replace it or choose another --out")
-    return existing
 
 
 def _without(gene: GeneIsoforms, failed: set[str], keys: RowKeys) -> GeneIsoforms:

@@ -1,6 +1,7 @@
 """Where genes and isoforms come from.
 
-    base.py            IsoformSource protocol, SourceOptions, open_source
+    base.py            IsoformSource protocol, SourceOptions
+    factory.py         open_source: the options -> the source they name
     gene_lists.py      txt/csv/tsv gene lists: IDs vs symbols, dedupe
     h5ad_genes.py      the highly variable genes of an .h5ad (var only, never X)
     ensembl_rest/      Ensembl REST: client.py, transport.py, parse.py (async, rate-limited)

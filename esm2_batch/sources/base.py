@@ -7,8 +7,9 @@
 
 Every source yields exactly one GeneIsoforms per distinct query (status "not_found" when
 it does not know it), canonical isoform first, and says where its records came from in
-`provenance()` (recorded in esm_all.pt's meta). `open_source` picks one from
-SourceOptions, so an orchestrator never asks which it holds.
+`provenance()` (recorded in esm_all.pt's meta). `sources.factory.open_source` picks one
+from SourceOptions, so an orchestrator never asks which it holds; it lives apart from this
+protocol so that the concrete sources import this module and nothing imports back.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from urllib.parse import urlsplit
 from esm2_batch.errors import InputError
 from esm2_batch.records import GeneIsoforms
 
-__all__ = ["IsoformSource", "Provenance", "SourceOptions", "open_source"]
+__all__ = ["IsoformSource", "Provenance", "SourceOptions", "check_url"]
 
 Provenance = dict[str, str | int]
 """isoform_source, and where they apply ensembl_url and ensembl_release."""
@@ -116,20 +117,3 @@ class IsoformSource(Protocol):
     def unreachable(self) -> str | None:
         """Why the source cannot be used right now (a server that does not answer), else
         None; asked when another problem stops the run, so both are reported at once."""
-
-
-def open_source(options: SourceOptions) -> IsoformSource:
-    """The source `options` names, loaded and checked now (bad flag values, a missing FASTA
-    or FTP file are errors before any work); REST connects when streaming starts."""
-    options.check()
-    if options.isoforms is not None:
-        from esm2_batch.sources.isoforms_fasta import IsoformsFastaSource
-
-        return IsoformsFastaSource.open(options.isoforms)
-    if options.ensembl_files is not None or options.ensembl_release is not None:
-        from esm2_batch.sources.ensembl_files import EnsemblFilesSource
-
-        return EnsemblFilesSource.open(options)
-    from esm2_batch.sources.ensembl_rest.client import EnsemblRestSource
-
-    return EnsemblRestSource(options)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from esm2_batch.errors import EnsemblUnavailableError, InputError
-from esm2_batch.sources.base import SourceOptions, open_source
+from esm2_batch.sources.base import SourceOptions
 from esm2_batch.sources.ensembl_files import (
     EnsemblFilesIndex,
     isoforms_from_files,
@@ -28,6 +28,7 @@ from esm2_batch.sources.ensembl_ftp import (
     find_ensembl_files,
 )
 from esm2_batch.sources.ensembl_rest import EnsemblClient
+from esm2_batch.sources.factory import open_source
 from tests.fakes.ensembl import FakeEnsembl, FakeGene, braf, synthetic_genes
 from tests.fakes.ensembl_files import patch_copy, write_ensembl_files
 
