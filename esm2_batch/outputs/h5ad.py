@@ -1,9 +1,14 @@
 """Vectors back into AnnData: a copy of an .h5ad with
 
     varm["X_esm2"]           float32 [n_vars, dim], zeros for vars without a vector
-    var["esm2_has_protein"]  bool
+    var["esm2_has_protein"]  nullable bool: True / False for the genes of the run, <NA>
+                             for vars outside it (not in the gene list: unknown, not "no")
     var["esm2_protein_id"]   the ENSP of the gene's first row (its canonical isoform)
-    var["esm2_n_isoforms"]   int, the gene's rows in esm_all.pt
+    var["esm2_n_isoforms"]   nullable int, the gene's rows in esm_all.pt; <NA> outside it
+    var["esm2_not_canonical"] nullable bool: True where canonical pooling had to take the
+                             first returned isoform because Ensembl did not return the
+                             canonical one (store.esm_file.gene_vectors' rule, the one that
+                             export and nn report too); <NA> outside the run
     uns["esm2"]              model, layer, pooling, isoform pooling, species, release,
                              the esm_all.pt read and the var column matched on, dates
 
@@ -25,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from esm2_batch.errors import InputError
+from esm2_batch.errors import InputError, name_some
 from esm2_batch.records import query_key
 from esm2_batch.sources.h5ad_genes import (
     INDEX_NAMES,
@@ -58,13 +63,16 @@ class VarAnnotations:
     """What goes into the AnnData, aligned with its var rows."""
 
     matrix: np.ndarray  # [n_vars, dim] float32
-    has_protein: np.ndarray  # [n_vars] bool
+    has_protein: np.ndarray  # [n_vars] bool (False also outside the run: see in_run)
     protein_ids: list[str]  # "" without protein (h5ad string columns take no None)
     n_isoforms: np.ndarray  # [n_vars] int32
     uns: dict[str, Any]
     id_column: str
     matched: int  # var rows found in esm_all.pt
     via_alias: int  # of those, found through meta gene_ids / symbols, not the query
+    in_run: np.ndarray | None = None  # [n_vars] bool: the var's gene was in the gene list
+    not_canonical: tuple[str, ...] = ()  # genes whose canonical isoform was not returned
+    flagged: np.ndarray | None = None  # [n_vars] bool: the var's vector is not_canonical's
 
 
 @dataclass(frozen=True)
@@ -75,10 +83,16 @@ class H5adWriteResult:
     n_vars: int
     embedded: int
     id_column: str
+    not_canonical: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        return (f"wrote {self.out}: {self.embedded} of {self.n_vars} vars have an ESM2 vector "
+        line = (f"wrote {self.out}: {self.embedded} of {self.n_vars} vars have an ESM2 vector "
                 f"(varm[{ESM_KEY!r}], matched on {self.id_column})")
+        if self.not_canonical:  # the words export uses for the same rule
+            line += (f"; canonical isoform not returned by Ensembl, first isoform used: "
+                     f"{len(self.not_canonical)} ({name_some(self.not_canonical)}), flagged "
+                     "in var['esm2_not_canonical']")
+        return line
 
 
 def var_annotations(esm: EsmFile, queries: Sequence[str | None], *,
@@ -93,9 +107,12 @@ def var_annotations(esm: EsmFile, queries: Sequence[str | None], *,
     check_gene_pooling(gene_pooling)
     keys, via_alias = _file_keys(esm, queries)
     vectors = gene_vectors(esm, [k or "" for k in keys], gene_pooling=gene_pooling)
-    has = vectors.has_protein.numpy() & np.array([k is not None for k in keys], dtype=bool)
+    in_run = np.array([k is not None and f for k, f in zip(keys, vectors.in_file, strict=True)],
+                      dtype=bool)
+    has = vectors.has_protein.numpy() & in_run
     matrix = vectors.matrix.numpy().astype(np.float32, copy=True)
     matrix[~has] = 0.0
+    odd = set(vectors.not_canonical)
     return VarAnnotations(
         matrix=matrix, has_protein=has,
         protein_ids=[p if p and h else "" for p, h in zip(vectors.protein_ids, has,
@@ -104,7 +121,9 @@ def var_annotations(esm: EsmFile, queries: Sequence[str | None], *,
                              for n, k in zip(vectors.n_isoforms, keys, strict=True)],
                             dtype=np.int32),
         uns=_uns(esm, gene_pooling, id_column, int(has.sum()), source),
-        id_column=id_column, matched=sum(k is not None for k in keys), via_alias=via_alias)
+        id_column=id_column, matched=sum(k is not None for k in keys), via_alias=via_alias,
+        in_run=in_run, not_canonical=vectors.not_canonical,
+        flagged=np.array([k in odd for k in keys], dtype=bool) & has)
 
 
 def _file_keys(esm: EsmFile, queries: Sequence[str | None]) -> tuple[list[str | None], int]:
@@ -197,7 +216,8 @@ def write_h5ad(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     for name, values in _var_columns(notes).items():
         var[name] = values
     _write_copy(src_path, dst_path, var, notes)
-    return H5adWriteResult(dst_path, len(queries), int(notes.has_protein.sum()), label)
+    return H5adWriteResult(dst_path, len(queries), int(notes.has_protein.sum()), label,
+                           notes.not_canonical)
 
 
 def _esm_source(esm: EsmFile | str | os.PathLike[str],
@@ -229,8 +249,23 @@ def _queries_for(var: Any, esm: EsmFile, id_column: str | None,
 
 
 def _var_columns(notes: VarAnnotations) -> dict[str, Any]:
-    return {"esm2_has_protein": notes.has_protein, "esm2_protein_id": notes.protein_ids,
-            "esm2_n_isoforms": notes.n_isoforms}
+    """The var columns, missing (<NA>) for vars outside the run: a gene that was not in
+    the gene list was never looked up, so "has no protein" (False) would be a claim the
+    run cannot make. Nullable pandas dtypes, which anndata writes and reads back."""
+    import pandas as pd
+
+    outside = ~(notes.in_run if notes.in_run is not None else notes.has_protein)
+    flagged = notes.flagged if notes.flagged is not None else np.zeros_like(outside)
+
+    def nullable(values: np.ndarray, dtype: str) -> Any:
+        column = pd.array(values, dtype=dtype)
+        column[outside] = pd.NA
+        return column
+
+    return {"esm2_has_protein": nullable(notes.has_protein, "boolean"),
+            "esm2_protein_id": notes.protein_ids,
+            "esm2_n_isoforms": nullable(notes.n_isoforms, "Int32"),
+            "esm2_not_canonical": nullable(flagged, "boolean")}
 
 
 def check_h5ad_paths(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:

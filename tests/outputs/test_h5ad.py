@@ -69,6 +69,11 @@ def esm_for(queries: list[str], *, no_protein: tuple[str, ...] = (), **meta: obj
                               **meta}})
 
 
+def values(column: pd.Series) -> list[object]:
+    """A nullable column as a list, <NA> as None (pd.NA has no truth value)."""
+    return [None if pd.isna(v) else v for v in column.tolist()]
+
+
 # -- reading -------------------------------------------------------------------------------
 def test_10x_takes_gene_ids(tmp_path: Path) -> None:
     genes = read_h5ad_genes(save(tenx(), tmp_path / "a.h5ad"))
@@ -151,10 +156,12 @@ def test_write_puts_each_vars_vector_back(tmp_path: Path, pooling: str) -> None:
     for row in (0, 1, 2, 5):
         assert np.array_equal(matrix[row], expected[row])
     assert not matrix[3].any() and not matrix[4].any()  # not HVG; no protein
-    assert out.var["esm2_has_protein"].tolist() == [True, True, True, False, False, True]
+    # var 3 is not an HVG: never looked up, so unknown (<NA>), not "no protein"
+    assert values(out.var["esm2_has_protein"]) == [True, True, True, None, False, True]
     assert out.var["esm2_protein_id"].tolist()[:4] == ["ENSP00000000000", "ENSP00000000002",
                                                        "ENSP00000000004", ""]
-    assert out.var["esm2_n_isoforms"].tolist() == [2, 2, 2, 0, 0, 2]
+    assert values(out.var["esm2_n_isoforms"]) == [2, 2, 2, None, 0, 2]
+    assert values(out.var["esm2_not_canonical"]) == [False, False, False, None, False, False]
     assert out.uns["esm2"]["isoform_pooling"] == pooling
     assert out.uns["esm2"]["ensembl_release"] == "unknown"
     assert out.uns["esm2"]["id_column"] == "gene_ids" and out.uns["esm2"]["layer"] == 6
@@ -167,8 +174,8 @@ def test_a_run_from_symbols_fills_an_id_keyed_file_through_meta(tmp_path: Path) 
     src = save(cellxgene(), tmp_path / "c.h5ad")
     esm = esm_for(["TBCE", "GAPDH"], gene_ids={"TBCE": IDS[0], "GAPDH": IDS[5]})
     write_h5ad(src, tmp_path / "out.h5ad", esm)
-    has = ad.read_h5ad(tmp_path / "out.h5ad").var["esm2_has_protein"].tolist()
-    assert has == [True, False, False, False, False, True]
+    has = values(ad.read_h5ad(tmp_path / "out.h5ad").var["esm2_has_protein"])
+    assert has == [True, None, None, None, None, True]  # the others were not in the run
 
 
 def test_the_id_column_recorded_by_the_run_is_reused(tmp_path: Path) -> None:
@@ -215,3 +222,23 @@ def test_annotate_in_memory(tmp_path: Path) -> None:
     assert obj.varm[ESM_KEY].shape == (6, DIM) and obj.uns["esm2"]["isoform_pooling"] == "mean"
     assert notes.matched == 2 and obj.var["esm2_has_protein"].sum() == 2
     obj.write_h5ad(tmp_path / "m.h5ad")  # what annotate adds is writable
+
+
+@pytest.mark.parametrize("pooling", ["canonical", "mean"])
+def test_a_missing_canonical_isoform_is_flagged_as_export_and_nn_do(
+        tmp_path: Path, pooling: str) -> None:
+    """One rule for the three consumers (store.esm_file.gene_vectors): a gene whose
+    canonical isoform Ensembl did not return gets its first returned isoform under
+    canonical pooling, and the copy says so, in var and in the closing line."""
+    src = save(tenx(), tmp_path / "a.h5ad")
+    esm = esm_for([IDS[0], IDS[1], IDS[5]],
+                  canonical_missing={IDS[1]: "ENSP99999999999"})
+    result = write_h5ad(src, tmp_path / "out.h5ad", esm, gene_pooling=pooling)
+    flags = values(ad.read_h5ad(tmp_path / "out.h5ad").var["esm2_not_canonical"])
+    if pooling == "canonical":
+        assert flags == [False, True, None, None, None, False]
+        assert result.not_canonical == (IDS[1],)
+        assert "first isoform used: 1 (ENSG00000000002)" in result.describe()
+    else:  # the mean of every isoform claims no canonical row
+        assert flags == [False, False, None, None, None, False]
+        assert "first isoform used" not in result.describe()
