@@ -243,12 +243,13 @@ def fasta(
                              truncation=truncation, long_seqs=parse_long_seqs(long_seqs),
                              repr_layers=parse_layers(repr_layers),
                              include=parse_poolers(include), per_tok=parse_per_tok(include))
-        # every output one line before the model loads, not an OSError after the work
+        loader = ModelOptions(model=source, device=device, engine=parse_engine(engine),
+                              backend=backend, dtype=parse_dtype(dtype))
+        # flag values, then every output: one line before the model loads
         check_fasta_outputs(inputs, out_dir=out_dir, per_file=per_file,
                             per_file_format=per_file_format, overwrite=overwrite,
                             per_tok=embed.per_tok or per_file is not None)
-        model = ModelOptions(model=source, device=device, engine=parse_engine(engine),
-                             backend=backend, dtype=parse_dtype(dtype)).load()
+        model = loader.load()
         results = run_fasta(
             inputs, model=model, out_dir=out_dir, overwrite=overwrite, model_source=source,
             device=device, per_file=per_file, per_file_format=per_file_format, embed=embed,
