@@ -206,7 +206,9 @@ def fasta(
     device: Device = None,
     engine: EngineOpt = "fast",
     backend: BackendOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: Annotated[str, option(
+        "--dtype", help="Compute precision: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or "
+        "fp32. FASTA rows are stored as float32.")] = "auto",
     batch_size: BatchSize = None,
     toks_per_batch: Toks = 4096,
     truncation: Truncation = None,
@@ -233,23 +235,24 @@ def fasta(
     def work() -> None:
         from esm2_batch.embedding.options import EmbedOptions
         from esm2_batch.run.config import ModelOptions
-        from esm2_batch.run.fasta_mode import run_fasta
+        from esm2_batch.run.fasta_mode import check_fasta_outputs, run_fasta
         from esm2_batch.run.stages import StageOptions
 
         source = _model_name(model_path, model_size)
-        if per_file is not None:  # a bad flag is one line before the model loads
-            from esm2_batch.outputs.per_file import check_per_file_dir
-
-            check_per_file_dir(per_file, per_file_format)
-        model = ModelOptions(model=source, device=device, engine=parse_engine(engine),
-                             backend=backend, dtype=parse_dtype(dtype)).load()
+        embed = EmbedOptions(toks_per_batch=toks_per_batch, batch_size=batch_size,
+                             truncation=truncation, long_seqs=parse_long_seqs(long_seqs),
+                             repr_layers=parse_layers(repr_layers),
+                             include=parse_poolers(include), per_tok=parse_per_tok(include))
+        loader = ModelOptions(model=source, device=device, engine=parse_engine(engine),
+                              backend=backend, dtype=parse_dtype(dtype))
+        # flag values, then every output: one line before the model loads
+        check_fasta_outputs(inputs, out_dir=out_dir, per_file=per_file,
+                            per_file_format=per_file_format, overwrite=overwrite,
+                            per_tok=embed.per_tok or per_file is not None)
+        model = loader.load()
         results = run_fasta(
             inputs, model=model, out_dir=out_dir, overwrite=overwrite, model_source=source,
-            device=device, per_file=per_file, per_file_format=per_file_format,
-            embed=EmbedOptions(toks_per_batch=toks_per_batch, batch_size=batch_size,
-                               truncation=truncation, long_seqs=parse_long_seqs(long_seqs),
-                               repr_layers=parse_layers(repr_layers),
-                               include=parse_poolers(include), per_tok=parse_per_tok(include)),
+            device=device, per_file=per_file, per_file_format=per_file_format, embed=embed,
             stage=StageOptions(ray=ray, ray_actors=ray_actors, progress=not quiet,
                                cache=not no_cache, cache_dir=cache_dir))
         for r in results:

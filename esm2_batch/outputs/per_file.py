@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from esm2_batch.errors import InputError, StoreError
-from esm2_batch.store.atomic import atomic_save, disk_errors
+from esm2_batch.store.atomic import atomic_save, check_writable, disk_errors
 from esm2_batch.store.residues import ResidueStore
 
 __all__ = ["PER_FILE_FORMATS", "PerFileResult", "check_per_file_dir", "safe_label",
@@ -49,14 +49,21 @@ def safe_label(label: str) -> str:
 
 
 def check_per_file_dir(directory: Path, fmt: str) -> None:
-    """Refuse a bad --per_file / --per_file_format before any work (created if missing)."""
+    """Refuse a bad --per_file / --per_file_format before any work (created if missing):
+    a file in the way, a directory that cannot be created or is not writable is one
+    StoreError line, not an OSError after every input was embedded."""
     if fmt not in PER_FILE_FORMATS:
         raise InputError(f"--per_file_format must be one of {', '.join(PER_FILE_FORMATS)}; "
                          f"got {fmt!r}")
     if directory.exists() and not directory.is_dir():
         raise StoreError(f"{directory}: is a file; --per_file takes a directory")
-    with disk_errors(directory):
-        directory.mkdir(parents=True, exist_ok=True)
+    try:
+        with disk_errors(directory):
+            directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"{directory}: cannot be created ({exc.strerror or exc}); choose "
+                         "another --per_file") from exc
+    check_writable(directory / "label.pt", flag="--per_file", example="<label>.pt")
 
 
 @dataclass

@@ -158,12 +158,13 @@ def test_fasta_mode_format_skipping_and_failures(tmp_path: Path, model: LoadedMo
     good = tmp_path / "prots.fasta"
     good.write_text(">p1 first protein\nMKTAYIAKQR\nQISFVKSHFS\n>p2\nmkvl*\n>bad\nMKJX\n>p3\n"
                     "MKTAYIAKQRQISFVKSHFS\n")
-    (tmp_path / "done_ESM.pt").write_bytes(b"keep me")
     (tmp_path / "done.fa").write_text(">x\nMK\n")
+    run_fasta([tmp_path / "done.fa"], model=model, stage=StageOptions(progress=False))
+    done = (tmp_path / "done_ESM.pt").read_bytes()  # an earlier run's, same settings
     results = run_fasta([good, tmp_path / "done.fa"], model=model,
                         stage=StageOptions(progress=False))
     assert [r.skipped for r in results] == [False, True]
-    assert (tmp_path / "done_ESM.pt").read_bytes() == b"keep me"
+    assert (tmp_path / "done_ESM.pt").read_bytes() == done
     data = torch.load(tmp_path / "prots_ESM.pt", weights_only=True)
     assert data["proteins"] == ["p1", "p2", "p3"]
     assert all(t.dtype == torch.float32 and t.shape == (32,) for t in data["data"])

@@ -136,9 +136,9 @@ def test_fasta_mode_keys(tmp_path: Path, model: LoadedModel) -> None:
               embed=EmbedOptions(repr_layer=0, pooling="bos"))
     multi = torch.load(tmp_path / "multi" / "in_ESM.pt", weights_only=True)
     one = torch.load(tmp_path / "one" / "in_ESM.pt", weights_only=True)
-    assert set(one) == {"proteins", "data"}  # one matrix: the layout as before
+    assert set(one) == {"proteins", "data", "meta"}  # one matrix: no 'matrices' key
     assert list(multi) == ["proteins", "data", "data_std_layer0", "data_bos_layer2",
-                           "data_std_layer2", "matrices"]
+                           "data_std_layer2", "matrices", "meta"]
     assert multi["matrices"]["data"] == {"pooler": "bos", "layer": 0}
     assert multi["proteins"] == ["a", "b", "c"]
     assert all(torch.equal(x, y) for x, y in zip(multi["data"], one["data"], strict=True))
