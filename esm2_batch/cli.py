@@ -126,9 +126,11 @@ def main(
     overwrite: Overwrite = False,
     ray: RayAddress = None,
     ray_actors: RayActors = None,
-    id_column: Annotated[str | None, option(
-        "--id_column", help=".h5ad input: the var column with the genes (default: "
-        "gene_ids, an Ensembl-ID index, else var_names).")] = None,
+    gene_column: Annotated[str | None, option(
+        "--gene_column", "--id_column", help="The column with the genes. CSV/TSV: default "
+        "the column whose values are gene symbols or Ensembl IDs (said on stderr); "
+        "rownames for R's row names. .h5ad: the var column (default: gene_ids, an "
+        "Ensembl-ID index, else var_names). --id_column is the same flag.")] = None,
     write_h5ad: Annotated[Path | None, option(
         "--write_h5ad", help=".h5ad input: write a copy with varm['X_esm2'] and "
         "var['esm2_*'] columns.")] = None,
@@ -167,7 +169,7 @@ def main(
         from esm2_batch.sources.base import SourceOptions
 
         config = RunConfig(
-            hvg_file=hvg_file, id_column=id_column, all_genes=all_genes,
+            hvg_file=hvg_file, id_column=gene_column, all_genes=all_genes,
             source=SourceOptions(
                 species=species, biotypes=parse_biotypes(biotypes), ensembl_url=ensembl_url,
                 rate_limit=rate_limit, parallel_workers=parallel_workers, isoforms=isoforms,
@@ -462,6 +464,21 @@ def _logging(verbose: int, quiet: bool) -> None:
         min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    from esm2_batch.sources.gene_lists import INPUTS_LOGGER
+
+    inputs = logging.getLogger(INPUTS_LOGGER)  # what was read from the input: even with -q
+    inputs.setLevel(logging.INFO)
+    inputs.propagate = False
+    if not any(isinstance(h, _EchoHandler) for h in inputs.handlers):
+        inputs.addHandler(_EchoHandler())
+
+
+class _EchoHandler(logging.Handler):
+    """A log line as a plain stderr line (typer.echo finds the stream at each call, so
+    a test runner's captured stderr gets it too)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(self.format(record), err=True)
 
 
 def _say(line: str, quiet: bool) -> None:

@@ -50,7 +50,8 @@ def option(*names: str, help: str, **kw: object) -> typer.models.OptionInfo:
 
 
 Verbose = Annotated[int, typer.Option("-v", "--verbose", count=True, help="More log output.")]
-Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Only errors; no progress bars.")]
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Only errors (and which CSV/TSV "
+                                     "column held the genes); no progress bars.")]
 ModelSize = Annotated[str, option("--model_size", help=f"ESM2 size: {', '.join(MODEL_SIZES)}.")]
 ModelPath = Annotated[Path | None, option(
     "--model_path", help="A local ESM2 checkpoint in fair-esm's layout (instead of the size; "

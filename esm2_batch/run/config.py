@@ -1,7 +1,7 @@
 """RunConfig: everything a gene-mode run needs, grouped by the stage that uses it.
 
     RunConfig
-    ├── hvg_file, id_column    the gene list (txt/csv/tsv or .h5ad and its var column)
+    ├── hvg_file, id_column    the gene list (txt/csv/tsv or .h5ad) and its gene column
     ├── all_genes              or every gene of the source (offline Ensembl files)
     ├── source: SourceOptions  where isoforms come from (sources/base.py)
     ├── model: ModelOptions    which encoder, on which device
@@ -67,7 +67,7 @@ class RunConfig:
     """One gene-mode run (see the module docstring for the groups)."""
 
     hvg_file: Path | None = None
-    id_column: str | None = None
+    id_column: str | None = None  # --gene_column: a CSV/TSV column or an .h5ad var column
     all_genes: bool = False  # every gene the source lists with a protein, instead of hvg_file
     source: SourceOptions = field(default_factory=SourceOptions)
     model: ModelOptions = field(default_factory=ModelOptions)

@@ -45,7 +45,7 @@ class Genes:
             h5ad = read_h5ad_genes(hvg, id_column=config.id_column)
             return cls(h5ad.genes, h5ad)
         if hvg is not None:
-            return cls(read_gene_list(hvg), None)
+            return cls(read_gene_list(hvg, column=config.id_column), None)
         known = source.known_queries()
         if known:
             return cls(dedupe(known), None)

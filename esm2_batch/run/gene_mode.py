@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from esm2_batch.embedding.options import Matrix, matrix_name
-from esm2_batch.errors import ModelError, StoreError
+from esm2_batch.errors import EnsemblError, ModelError, StoreError
 from esm2_batch.models import LoadedModel
 from esm2_batch.records import GeneIsoforms, settled_status
 from esm2_batch.run.config import RunConfig
@@ -284,6 +284,7 @@ class GeneRun:
                                 for gene in resolved.values() for iso in gene.isoforms})
             self.residues.close()
         self.summary.count(genes, chosen, self.reused, stage)
+        self._refuse_if_nothing_found(genes)
         if note := synonym_note(chosen.values()):  # SEPT5 -> SEPTIN5, ...
             self.summary.notes.append(note)
         data = assemble(genes, chosen, self.store.row_chunks(), keys=self.keys,
@@ -299,6 +300,21 @@ class GeneRun:
         self.store.remove()
         if config.output.strict:  # only now: the rows that did come are on disk
             self.summary.raise_if_incomplete()
+
+    def _refuse_if_nothing_found(self, genes: list[str]) -> None:
+        """Not one gene found: the wrong input (a column of cluster labels, another
+        species' symbols) rather than a result. Exit 3 with nothing written: an empty
+        esm_all.pt would record the wrong --species in its settings and refuse the
+        corrected rerun, and the partial store holds nothing worth resuming."""
+        missing = self.summary.not_found
+        if not genes or len(missing) < len(genes):
+            return
+        self.store.remove()
+        raise EnsemblError(
+            f"none of the {len(genes)} genes was found (species "
+            f"{self.config.source.species}): almost surely the wrong input or species; "
+            "give gene symbols or Ensembl gene IDs of --species (e.g. --species "
+            "mus_musculus for mouse); nothing written", queries=missing)
 
     def _write_h5ad(self, written: EsmFile) -> None:
         target, h5ad = self.config.output.write_h5ad, self.genes.h5ad

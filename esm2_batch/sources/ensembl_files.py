@@ -79,7 +79,7 @@ from esm2_batch.sources.ensembl_rest.parse import (
     not_found,
 )
 from esm2_batch.sources.fasta import iter_fasta, iter_fasta_headers, open_text
-from esm2_batch.sources.gene_lists import dedupe
+from esm2_batch.sources.gene_lists import as_duplicates, dedupe
 from esm2_batch.sources.synonyms import (
     Candidate,
     DuplicateGuard,
@@ -193,9 +193,11 @@ class EnsemblFilesIndex:
     def isoforms(self, queries: Iterable[str], *,
                  biotypes: Iterable[str] = DEFAULT_BIOTYPES,
                  synonyms: SynonymTable | None = None) -> list[GeneIsoforms]:
-        """One GeneIsoforms per distinct query, in input order (as fetch_isoforms);
-        with `synonyms`, unknown symbols are looked up as previous names and aliases."""
-        return list(self.iter_isoforms(queries, biotypes=biotypes, synonyms=synonyms))
+        """One GeneIsoforms per distinct query, in input order (as fetch_isoforms, later
+        spellings of one gene as duplicates of the first); with `synonyms`, unknown
+        symbols are looked up as previous names and aliases."""
+        return as_duplicates(list(self.iter_isoforms(queries, biotypes=biotypes,
+                                                     synonyms=synonyms)))
 
     def iter_isoforms(self, queries: Iterable[str], *,
                       biotypes: Iterable[str] = DEFAULT_BIOTYPES,

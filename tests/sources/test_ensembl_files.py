@@ -68,7 +68,10 @@ async def test_files_give_the_same_records_as_rest(tmp_path: Path,
         queries(genes), biotypes=biotypes)
     assert offline == rest
     statuses = {g.query: g.status for g in offline}
-    assert statuses["GENE0007"] == statuses[genes[14].gene_id] == "no_protein"
+    assert statuses[genes[7].gene_id] == statuses[genes[14].gene_id] == "no_protein"
+    # later spellings of genes the list named by ID first are duplicates of the ID
+    assert {g.query: g.duplicate_of for g in offline if g.duplicate_of} == {
+        genes[i].symbol: genes[i].gene_id for i in (7, 14, 3, 0)}
     assert statuses["NOT_A_GENE"] == statuses["ENSG00999999999"] == "not_found"
     assert offline[0].isoforms[0].is_canonical and offline[0].isoforms[0].protein_id == \
         "ENSP00000493543"

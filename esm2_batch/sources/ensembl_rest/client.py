@@ -57,7 +57,7 @@ from esm2_batch.sources.ensembl_rest.parse import (
     parse_xrefs,
 )
 from esm2_batch.sources.ensembl_rest.transport import JsonTransport, RetryPolicy
-from esm2_batch.sources.gene_lists import dedupe
+from esm2_batch.sources.gene_lists import as_duplicates, dedupe
 from esm2_batch.sources.synonyms import (
     Candidate,
     DuplicateGuard,
@@ -147,10 +147,12 @@ class EnsemblClient:
         return max(numbers) if numbers else None
 
     async def fetch_isoforms(self, queries: Iterable[str]) -> list[GeneIsoforms]:
-        """One GeneIsoforms per distinct query, in input order."""
+        """One GeneIsoforms per distinct query, in input order; a later spelling of a
+        gene asked for earlier (ppbp after PPBP, a symbol after its own ENSG) is a
+        duplicate of the first, as esm_all.pt merges it (gene_lists.as_duplicates)."""
         distinct = dedupe(queries).genes
         found = {g.query: g async for g in self.iter_isoforms(distinct)}
-        return [found[q] for q in distinct]
+        return as_duplicates([found[q] for q in distinct])
 
     async def iter_isoforms(self, queries: Iterable[str]) -> AsyncIterator[GeneIsoforms]:
         """Yield each distinct query's GeneIsoforms as soon as it is complete.
@@ -371,7 +373,8 @@ def fetch_isoforms(
     biotypes: Iterable[str] = DEFAULT_BIOTYPES,
     synonyms: bool = True,
 ) -> list[GeneIsoforms]:
-    """Synchronous convenience: one GeneIsoforms per distinct query, in input order.
+    """Synchronous convenience: one GeneIsoforms per distinct query, in input order
+    (later spellings of one gene are duplicates of the first: EnsemblClient.fetch_isoforms).
 
     `synonyms`: look symbols Ensembl does not know as current names up as previous names
     and aliases (SEPT5 -> SEPTIN5; GeneIsoforms.matched_by says "synonym"); False keeps
