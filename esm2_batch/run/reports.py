@@ -21,6 +21,7 @@ its isoforms and its first row may not be the canonical isoform.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -28,16 +29,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from esm2_batch.errors import EnsemblError, name_some
 from esm2_batch.records import GeneIsoforms, GeneStatus, is_ensembl_gene_id
 from esm2_batch.sources.unresolved import RETRY, likely_reason
 from esm2_batch.store.atomic import atomic_text
 from esm2_batch.store.esm_file import EsmFile
+from esm2_batch.store.keys import RowKeys
 
 __all__ = [
     "REPORT_COLUMNS",
     "RunSummary",
     "case_insensitive_matches",
+    "failed_path",
     "incomplete_reason",
     "synonym_matches",
     "synonym_note",
@@ -174,29 +179,50 @@ class StageCounts(Protocol):
 
 @dataclass
 class RunSummary:
-    """What a run did, for the closing report and for callers."""
+    """What a run did, for the closing report and for callers.
+
+    The counts add up, so a reader can check that no gene and no sequence went missing:
+    the distinct genes (genes_in, after exact duplicates) are the merged spellings plus
+    the resolved plus the not found; the resolved are the complete (a row for every
+    isoform) plus the incomplete plus those without protein (no vector); the file's
+    distinct sequences were embedded now, taken from the row cache, resumed from the
+    unfinished run's partial store, or reused from the existing esm_all.pt.
+    """
 
     out: Path
-    genes_in: int = 0
+    genes_in: int = 0  # distinct queries, exact duplicates already dropped
     duplicates: list[str] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)  # later spelling -> the file's key
-    resolved: int = 0
+    complete: int = 0  # status "ok": a row for every isoform
     no_protein: list[str] = field(default_factory=list)
     not_found: list[str] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)
     canonical_missing: list[str] = field(default_factory=list)
     isoforms: int = 0
-    distinct_sequences: int = 0
+    fresh_sequences: int = 0  # distinct sequences of this run's records
     embedded_now: int = 0
     cached_rows: int = 0  # taken from the shared row cache (store/cache.py)
-    reused_rows: int = 0
+    resumed_rows: int = 0  # held by the partial store of an unfinished earlier attempt
+    reused_rows: int = 0  # rows of the genes kept from the existing esm_all.pt
+    reused_sequences: int = 0  # their distinct sequences (not among the fresh ones)
     tokens: int = 0
     failed: list[str] = field(default_factory=list)
     missing_sequences: list[str] = field(default_factory=list)
+    side_files: list[Path] = field(default_factory=list)  # written next to `out`
     fetch_s: float = 0.0
     embed_s: float = 0.0
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def resolved(self) -> int:
+        """Genes Ensembl (or the isoform source) knew, with or without a protein."""
+        return self.complete + len(self.incomplete) + len(self.no_protein)
+
+    @property
+    def distinct_sequences(self) -> int:
+        """The file's distinct protein sequences (several isoforms or genes may share one)."""
+        return self.fresh_sequences + self.reused_sequences
 
     @property
     def tokens_per_s(self) -> float:
@@ -209,19 +235,32 @@ class RunSummary:
     def lines(self) -> list[str]:
         return [
             *self.notes,
-            f"genes in: {self.genes_in} ({len(self.duplicates)} duplicates dropped)",
+            f"genes in: {self.genes_in} distinct ({len(self.duplicates)} duplicates dropped)",
             *self._alias_lines(),
-            f"resolved: {self.resolved}, without protein: {len(self.no_protein)}, "
-            f"not found: {len(self.not_found)}",
+            self._resolved_line(),
             *self._incomplete_lines(),
             f"isoforms: {self.isoforms}, distinct sequences: {self.distinct_sequences} "
             f"({self.embedded_now} embedded now, {self.cached_rows} from the row cache, "
-            f"{self.reused_rows} rows reused)",
+            f"{self.resumed_rows} resumed from the unfinished run, {self.reused_sequences} "
+            f"reused from the existing {self.out.name})",
             f"tokens embedded: {self.tokens}, failed sequences: {len(self.failed)}",
             f"wall: fetch {self.fetch_s:.1f} s, embed {self.embed_s:.1f} s, "
             f"total {self.wall_s:.1f} s; {self.tokens_per_s:.0f} tokens/s",
             f"wrote {self.out}",
+            *self._side_file_lines(),
         ]
+
+    def _resolved_line(self) -> str:
+        """"resolved: 8 of 9 genes (5 with a row for every isoform, 1 incomplete, 2 without
+        protein: no vector), not found: 1": the parts add up to the whole, and a part
+        with no gene is left out."""
+        parts = [f"{self.complete} with a row for every isoform"]
+        if self.incomplete:
+            parts.append(f"{len(self.incomplete)} incomplete")
+        if self.no_protein:
+            parts.append(f"{len(self.no_protein)} without protein: no vector")
+        return (f"resolved: {self.resolved} of {self.genes_in - len(self.aliases)} genes "
+                f"({', '.join(parts)}), not found: {len(self.not_found)}")
 
     def _alias_lines(self) -> list[str]:
         """Spellings of one gene merged into its first spelling (none when there are none)."""
@@ -243,9 +282,21 @@ class RunSummary:
                      f"{name_some(self.canonical_missing)}")
         return [line]
 
+    def _side_file_lines(self) -> list[str]:
+        """One line per side file written, saying what it holds."""
+        what = {unresolved_report_path(self.out).name:
+                "every gene without a full vector, with its likely reason",
+                self.not_found_path.name: "the genes not found, one per line",
+                failed_path(self.out).name: "the sequences that failed to embed, with the error"}
+        return [f"wrote {path.name}: {what.get(path.name, 'a side file')}"
+                for path in self.side_files]
+
     def count(self, genes: Sequence[str], chosen: Mapping[str, GeneIsoforms],
-              reused: EsmFile | None, stage: StageCounts) -> None:
-        """Tally statuses (fresh records first, else what the reused file recorded)."""
+              reused: EsmFile | None, stage: StageCounts, *, keys: RowKeys,
+              resumable: Collection[str] = ()) -> None:
+        """Tally statuses (fresh records first, else what the reused file recorded) and
+        where the fresh records' sequences came from. `resumable`: the keys whose rows
+        the partial store held before the stage started (the stage embeds none again)."""
         old = reused.meta if reused is not None else {}
         for query in genes:
             gene = chosen.get(query)
@@ -254,15 +305,29 @@ class RunSummary:
                 self.reused_rows += len(reused.rows_of(query))
             self._tally(query, status)
             self._tally_missing(query, gene, old)
-        self.distinct_sequences = len({i.sequence for g in chosen.values()
-                                       for i in g.isoforms})
+        fresh = {keys.of(i.sequence) for g in chosen.values() for i in g.isoforms}
+        self.fresh_sequences = len(fresh)
+        self.resumed_rows = len(fresh.intersection(resumable))
         self.embedded_now, self.tokens, self.embed_s = stage.embedded, stage.tokens, stage.busy_s
         self.cached_rows = stage.cached
         self.failed = sorted(name for name, _ in stage.failed.values())
 
+    def count_file(self, written: EsmFile, chosen: Collection[str]) -> None:
+        """The written file's rows, and the distinct sequences among the rows kept from the
+        existing file (genes not in `chosen`). The file keeps no sequences, so these are
+        told apart by their rows' bits, leaving out any a fresh gene's row also has."""
+        self.isoforms = len(written.protein_ids)
+        kept = [i for g in written.genes if g not in chosen for i in written.rows_of(g)]
+        if not kept:
+            self.reused_sequences = 0
+            return
+        fresh = [i for g in written.genes if g in chosen for i in written.rows_of(g)]
+        self.reused_sequences = len(_row_digests(written.emb, kept)
+                                    - _row_digests(written.emb, fresh))
+
     def _tally(self, query: str, status: str) -> None:
         if status == "ok":
-            self.resolved += 1
+            self.complete += 1
         elif status == "incomplete":
             self.incomplete.append(query)
         elif status == "no_protein":
@@ -293,6 +358,19 @@ class RunSummary:
                 queries=self.incomplete)
 
 
+def _row_digests(emb: torch.Tensor, rows: Sequence[int]) -> set[bytes]:
+    """A short digest of each row's bits (identical sequences give identical rows)."""
+    if not rows:
+        return set()
+    block = emb[list(rows)].contiguous().numpy()
+    return {hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in block}
+
+
+def failed_path(out: Path) -> Path:
+    """esm_all.pt -> esm_all.failed.tsv, next to the output."""
+    return out.with_name(out.stem + ".failed.tsv")
+
+
 def _per_gene(meta: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     """meta[key] as a query -> value dict ({} when absent or of another shape)."""
     value = meta.get(key)
@@ -303,15 +381,17 @@ def write_side_files(out: Path, chosen: Mapping[str, GeneIsoforms], summary: Run
                      failed: Mapping[str, tuple[str, str]], written: EsmFile, *,
                      species: str) -> None:
     """The not_found list, the unresolved report and the failures next to `out`."""
-    write_list(summary.not_found_path, summary.not_found)
     status = written.meta.get("status", {})
     unresolved = [chosen.get(q) or _recorded(q, written.meta)
                   for q in written.genes if status.get(q, "ok") != "ok"]
     rows = {q: len(i) for q, i in written.gene_to_isoform_indices.items()}
-    write_unresolved_report(unresolved_report_path(out), unresolved, species=species,
-                            rows=rows, failed={name for name, _ in failed.values()})
-    write_list(out.with_name(out.stem + ".failed.tsv"),
-               sorted(f"{name}\t{error}" for name, error in failed.values()))
+    report = write_unresolved_report(unresolved_report_path(out), unresolved, species=species,
+                                     rows=rows, failed={name for name, _ in failed.values()})
+    summary.side_files = [path for path in (
+        report,
+        write_list(summary.not_found_path, summary.not_found),
+        write_list(failed_path(out), sorted(f"{n}\t{error}" for n, error in failed.values())),
+    ) if path is not None]
 
 
 def _recorded(query: str, meta: Mapping[str, Any]) -> GeneIsoforms:
@@ -328,10 +408,11 @@ def _recorded(query: str, meta: Mapping[str, Any]) -> GeneIsoforms:
                         status, missing, canonical if isinstance(canonical, str) else None)
 
 
-def write_list(path: Path, lines: Iterable[str]) -> None:
-    """One item per line, atomically; no items removes a stale file instead."""
+def write_list(path: Path, lines: Iterable[str]) -> Path | None:
+    """One item per line, atomically; no items removes a stale file instead (None)."""
     items = list(lines)
-    if items:
-        atomic_text(path, "\n".join(items) + "\n")
-    else:
+    if not items:
         path.unlink(missing_ok=True)
+        return None
+    atomic_text(path, "\n".join(items) + "\n")
+    return path
