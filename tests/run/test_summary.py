@@ -21,7 +21,8 @@ from esm2_batch.run.reports import RunSummary
 from esm2_batch.store.esm_file import read_esm_file, validate
 from esm2_batch.store.keys import RowKeys
 from tests.fakes.ensembl import FakeEnsembl, FakeGene, FakeTranscript, braf, synthetic_genes
-from tests.run.flat import make_config
+from tests.run.flat import with_flags
+from tests.run.test_resume_facts import config_for as resume_config
 from tests.test_cli import invoke
 
 
@@ -48,10 +49,9 @@ def fake() -> Iterator[FakeEnsembl]:
 
 
 def config_for(tmp_path: Path, fake: FakeEnsembl, queries: list[str]) -> RunConfig:
-    hvg = tmp_path / f"hvg{len(queries)}.txt"
-    hvg.write_text("\n".join(queries) + "\n")
-    return make_config(hvg_file=hvg, out=tmp_path / "esm_all.pt", ensembl_url=fake.url,
-                       rate_limit=1000.0, progress=False, cache=False)
+    """test_resume_facts' config, without the row cache (its hits would hide the counts
+    under test)."""
+    return with_flags(resume_config(tmp_path, fake, queries), cache=False)
 
 
 def sequences_line(summary: RunSummary) -> str:
