@@ -285,8 +285,8 @@ def export(
     )] = None,
     gene_pooling: GenePooling = "canonical",
     include_missing: Annotated[bool, option(
-        "--include_missing", help="npz/parquet: keep genes without protein as zero rows."
-    )] = False,
+        "--include_missing", help="npz/parquet: keep genes without protein as zero rows "
+        "(refused with saturn and h5).")] = False,
     key: Annotated[str, option("--key", help="The matrix to export: emb (default) or one of "
                              "meta['matrices'], e.g. emb_max_layer20.")] = "emb",
     quiet: Quiet = False,
@@ -295,10 +295,14 @@ def export(
     or (--format h5) a residue store or esm_all.pt as one HDF5 dataset per protein id."""
 
     def work() -> None:
-        from esm2_batch.outputs.export import export_genes
+        from esm2_batch.outputs.export import export_format, export_genes
         from esm2_batch.outputs.h5 import export_h5
 
-        if fmt == "h5" or (fmt is None and out.suffix.lower() in (".h5", ".hdf5")):
+        if export_format(fmt, out) == "h5":
+            if include_missing:
+                raise InputError("--include_missing keeps genes without protein as zero rows "
+                                 "in npz and parquet; h5 holds one dataset per protein id, "
+                                 "and such genes have none")
             for line in export_h5(esm_file, out, dtype=h5_dtype, layer=layer,
                                   key=key).lines():
                 _say(line, quiet)

@@ -56,8 +56,10 @@ ModelSize = Annotated[str, option("--model_size", help=f"ESM2 size: {', '.join(M
 ModelPath = Annotated[Path | None, option(
     "--model_path", help="A local ESM2 checkpoint in fair-esm's layout (instead of the size; "
     "works offline).")]
-EngineOpt = Annotated[str, option("--engine", help="fast (the project's ESM2 forward) or "
-                                "reference (fair-esm's own; rows agree within 1e-5).")]
+EngineOpt = Annotated[str, option(
+    "--engine", help="fast (the project's ESM2 forward) or reference (fair-esm's own). In "
+    "fp32 their pooled rows agree within 1e-6 and per-residue states within 1e-5 (float32 "
+    "rounding; README: Performance).")]
 BackendOpt = Annotated[str, option(
     "--backend", help="auto (from --model_size/--model_path), fair-esm, hf (ESM2 in the "
     "Hugging Face layout: a folder or a hub id in the local HF cache), fastesm (Synthyra's "
@@ -82,7 +84,7 @@ Include = Annotated[str | None, option(
     "--include", help="Poolers, several at once: mean (default), bos, max, std (per channel "
     "over residues only, no BOS/EOS/padding), e.g. --include mean max. The first at the "
     "first layer is emb. per_tok also writes every residue's state per layer to a residue "
-    "store (<out stem>.residues/, FASTA: <stem>_residues/); not with --ray.")]
+    "store (<out stem>.residues/, FASTA: <stem>_residues/), with or without --ray.")]
 RayAddress = Annotated[str | None, option(
     "--ray", help="Embed on Ray: 'local' (start one on this machine), 'auto' (join "
     "$RAY_ADDRESS) or a cluster address. Needs the [ray] extra.")]

@@ -64,8 +64,9 @@ def test_summary_reports_counts(tmp_path: Path, hvg: Path, url: str, checkpoint:
                              "--rate_limit", "100", "--biotypes",
                              "protein_coding,nonsense_mediated_decay")
     assert code == 0
-    assert "genes in: 3 (1 duplicates dropped)" in stdout
-    assert "resolved: 2, without protein: 0, not found: 1" in stdout
+    assert "genes in: 3 distinct (1 duplicates dropped)" in stdout
+    assert ("resolved: 2 of 3 genes (2 with a row for every isoform), not found: 1"
+            in stdout)
     assert "isoforms: 18" in stdout and "not found: NOPE" in stdout  # BRAF 11 + GENE0001 7
 
 

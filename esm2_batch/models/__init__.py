@@ -54,6 +54,7 @@ from esm2_batch.models.hf_esm2 import (
 from esm2_batch.models.weights import (
     find_in_hf_cache,
     hub_checkpoint,
+    local_model_hint,
     looks_like_hub_id,
     read_checkpoint,
     weights_fingerprint,
@@ -329,7 +330,7 @@ def resolve_model(model: str | os.PathLike[str]) -> ModelSpec | Path:
         raise ModelError(f"model checkpoint not found: {path}")
     sizes = ", ".join(ESM2_MODELS)
     raise ModelError(f"unknown model {model!r}: use a size ({sizes}), a name like "
-                     f"esm2_t33_650M_UR50D, or the path of a local checkpoint (--model_path)")
+                     f"esm2_t33_650M_UR50D, or a local checkpoint ({local_model_hint()})")
 
 
 def _registry_entry(text: str) -> ModelSpec | None:

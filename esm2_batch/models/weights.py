@@ -76,6 +76,12 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # --------------------------------------------------------------------------------------
 
 
+def local_model_hint(what: str = "PATH") -> str:
+    """How to load a local model, for Python callers and the command line alike: the
+    library raises the message and cannot tell which of the two is reading it."""
+    return f"load_model({what}) in Python, --model_path {what} on the command line"
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load a fair-esm checkpoint with weights_only=True and the `CHECKPOINT_GLOBALS`."""
     data = load_weights_only(path, allowed=CHECKPOINT_GLOBALS)
@@ -127,7 +133,7 @@ def hub_checkpoint(name: str) -> Path:
         reason = getattr(exc, "reason", None) or exc
         raise ModelError(
             f"cannot download {name} from {url} ({reason}); place {name}.pt in {cache} "
-            f"or pass a local checkpoint with --model_path PATH"
+            f"or load a local checkpoint: {local_model_hint()}"
         ) from None
     return path
 
@@ -358,7 +364,8 @@ def find_in_hf_cache(hub_id: str, *, revision: str = "main") -> Path:
         raise ModelError(
             f"{hub_id} (revision {revision}) is not in the local Hugging Face cache {cache}; "
             f"nothing is downloaded: run `hf download {hub_id}` where there is network "
-            f"(set HF_HOME or HF_HUB_CACHE to that cache) or pass its folder with --model_path"
+            f"(set HF_HOME or HF_HUB_CACHE to that cache) or load its folder: "
+            f"{local_model_hint('FOLDER')}"
         )
     return snapshot
 

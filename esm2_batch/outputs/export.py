@@ -3,11 +3,15 @@
 esm_all.pt keeps one row per isoform. Single-cell models want one vector per gene:
 SATURN and UCE average every isoform and key the result by gene symbol; other models take
 the canonical isoform. This module holds the one pooling rule every per-gene consumer
-shares (the AnnData writer too) and the three export formats:
+shares (the AnnData writer too) and the three per-gene export formats:
 
     saturn   torch.save({SYMBOL: float32 tensor [E]})  what SATURN's and UCE's loaders read
     npz      numpy arrays: genes, symbols, protein_ids, n_isoforms, vectors [G, E] float32
     parquet  one row per gene: gene, symbol, protein_id, n_isoforms, vector (E float32)
+
+`esm2-batch export` writes a fourth, h5 (one dataset per protein id, outputs/h5.py), so
+`export_format` names all four and the suffixes that imply them: a format error lists
+every format the command takes, wherever the choice is made.
 
 Pooling is load_esm_matrix's (nn.py), restated here because nn.py is the torch.nn side of
 the package and this one must not depend on it: "canonical" takes a gene's first row (the
@@ -34,7 +38,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from esm2_batch.errors import InputError, name_some
+from esm2_batch.errors import InputError, StoreError, name_some
 from esm2_batch.records import is_ensembl_gene_id
 from esm2_batch.store.atomic import atomic_save, atomic_write, check_writable
 from esm2_batch.store.esm_file import (
@@ -47,18 +51,25 @@ from esm2_batch.store.esm_file import (
 
 __all__ = [
     "EXPORT_FORMATS",
+    "GENE_FORMATS",
     "GENE_POOLINGS",
     "ExportResult",
     "GeneVectors",
+    "export_format",
     "export_genes",
     "gene_symbols",
     "gene_vectors",
 ]
 
-EXPORT_FORMATS = ("saturn", "npz", "parquet")
+GENE_FORMATS = ("saturn", "npz", "parquet")
+"""What export_genes writes: one vector per gene."""
+EXPORT_FORMATS = (*GENE_FORMATS, "h5")
+"""What `esm2-batch export` writes: the per-gene formats and h5 (outputs/h5.py)."""
 ExportFormat = Literal["saturn", "npz", "parquet"]
 KeyCase = Literal["upper", "as_is"]
-_SUFFIX_FORMATS = {".pt": "saturn", ".pth": "saturn", ".npz": "npz", ".parquet": "parquet"}
+_SUFFIX_FORMATS = {".pt": "saturn", ".pth": "saturn", ".npz": "npz", ".parquet": "parquet",
+                   ".h5": "h5", ".hdf5": "h5"}
+_SUFFIXES = ".pt (saturn), .npz, .parquet or .h5"
 _PARQUET_HINT = "pip install 'esm2-batch[parquet]' (pyarrow), or use --format npz"
 
 
@@ -132,14 +143,24 @@ def export_genes(
 
     `fmt` None infers the format from the suffix of `out` (.pt, .npz, .parquet). Genes
     without a protein are left out (include_missing=True keeps them as zero rows in npz
-    and parquet; never in saturn, whose readers would take zeros for a protein). For
+    and parquet; saturn refuses it, InputError: SATURN's and UCE's loaders would take a
+    zero vector for a protein's). A missing or unreadable `esm` is a bad input
+    (InputError), as is a `key` the file does not hold. For
     saturn, `key_case="upper"` writes upper-case symbols; SATURN's and UCE's loaders
     lower-case both their keys and var_names, so the case only matters to other readers.
     Written to a temporary name and renamed: a crash leaves no half-written file.
     """
-    data = (esm if isinstance(esm, EsmFile) else read_esm_file(esm)).select(key)
     out_path = Path(out)
-    fmt = _resolve_format(fmt, out_path)
+    fmt = export_format(fmt, out_path)
+    if fmt == "h5":
+        raise InputError("h5 holds one dataset per protein id, not one vector per gene: "
+                         "use esm2_batch.outputs.h5.export_h5 (esm2-batch export --format h5)")
+    if include_missing and fmt == "saturn":
+        raise InputError("--include_missing keeps genes without protein as zero rows in npz "
+                         "and parquet only, not in saturn: SATURN and UCE would read a zero "
+                         "vector as that gene's protein; leave it out, or use --format npz "
+                         "or parquet")
+    data = _read_input(esm, key)
     check_writable(out_path, flag="--out", example="genes.npz")  # exit 6, as every output
     vectors = gene_vectors(data, gene_pooling=gene_pooling)
     missing = tuple(g for g, p in zip(vectors.genes, vectors.has_protein.tolist(),
@@ -156,16 +177,29 @@ def export_genes(
                         () if include_missing else missing, (), (), vectors.not_canonical)
 
 
-def _resolve_format(fmt: str | None, out: Path) -> str:
+def export_format(fmt: str | None, out: str | os.PathLike[str]) -> str:
+    """`fmt`, or the format `out`'s suffix implies, checked against every format the
+    export command writes (EXPORT_FORMATS, h5 included); InputError naming them all."""
     if fmt is None:
-        inferred = _SUFFIX_FORMATS.get(out.suffix.lower())
+        path = Path(out)
+        inferred = _SUFFIX_FORMATS.get(path.suffix.lower())
         if inferred is None:
-            raise InputError(f"{out}: cannot tell the format from the suffix; pass --format "
-                             f"{'|'.join(EXPORT_FORMATS)}")
+            raise InputError(f"{path}: cannot tell the format from the suffix "
+                             f"{path.suffix or '(none)'!r}; name the file {_SUFFIXES}, or "
+                             f"pass --format {'|'.join(EXPORT_FORMATS)}")
         return inferred
     if fmt not in EXPORT_FORMATS:
         raise InputError(f"--format must be one of {', '.join(EXPORT_FORMATS)}; got {fmt!r}")
     return fmt
+
+
+def _read_input(esm: EsmFile | str | os.PathLike[str], key: str) -> EsmFile:
+    """The export's input and its `key` matrix. A file that is missing, unreadable or
+    without that matrix is a bad input (InputError, exit 2), not a broken output."""
+    try:
+        return (esm if isinstance(esm, EsmFile) else read_esm_file(esm)).select(key)
+    except StoreError as exc:
+        raise InputError(str(exc)) from None
 
 
 def _export_saturn(data: EsmFile, vectors: GeneVectors, out: Path,

@@ -145,6 +145,7 @@ class GeneRun:
             self.store.close()
             raise
         self.records = self.store.cached_genes()
+        self.resumable = self._resumable()  # before the stage: what it will not embed again
         self.summary = RunSummary(out=config.out, genes_in=len(self.genes.genes.genes),
                                   duplicates=list(self.genes.genes.duplicates),
                                   notes=self._notes())
@@ -225,6 +226,13 @@ class GeneRun:
         self.summary.wall_s = time.perf_counter() - self.started
         return self.summary
 
+    def _resumable(self) -> set[str]:
+        """Keys whose rows an unfinished earlier attempt stored (with per_tok, only those
+        whose states are stored too): the stage embeds none of them again, and the summary
+        counts them as resumed."""
+        keys = self.store.embedded_keys()
+        return keys & self.residues.stored_keys() if self.residues is not None else keys
+
     # -- fetching ----------------------------------------------------------------------------
     def _todo(self) -> list[str]:
         """Genes to fetch: those neither cached nor in a reusable esm_all.pt, and every
@@ -235,7 +243,8 @@ class GeneRun:
         def known(query: str) -> bool:
             if query in self.records:
                 return self.records[query].status != "incomplete"
-            return query in reused and old_status.get(query) != "incomplete"
+            key = self._reused_alias(query) or query  # braf, merged into BRAF last time
+            return key in reused and old_status.get(key) != "incomplete"
 
         return [q for q in self.genes.genes.genes if not known(q)]
 
@@ -283,7 +292,8 @@ class GeneRun:
             self.residues.link({iso.protein_id: self.keys.of(iso.sequence)
                                 for gene in resolved.values() for iso in gene.isoforms})
             self.residues.close()
-        self.summary.count(genes, chosen, self.reused, stage)
+        self.summary.count(genes, chosen, self.reused, stage, keys=self.keys,
+                           resumable=self.resumable)
         self._refuse_if_nothing_found(genes)
         if note := synonym_note(chosen.values()):  # SEPT5 -> SEPTIN5, ...
             self.summary.notes.append(note)
@@ -291,7 +301,7 @@ class GeneRun:
                         dim=self.model.embed_dim, meta=self._meta(genes, chosen, aliases),
                         reused=self.reused, matrices=list(self.matrices))
         written = write_esm_file(config.out, data)
-        self.summary.isoforms = len(written.protein_ids)
+        self.summary.count_file(written, chosen)
         write_side_files(config.out, chosen, self.summary, stage.failed, written,
                          species=config.source.species)
         if config.output.save_isoforms is not None:  # every spelling, so --isoforms merges too
@@ -332,8 +342,18 @@ class GeneRun:
         if query in self.records:
             return self.records[query].gene_id
         old = self.reused.meta.get("gene_ids", {}) if self.reused is not None else {}
-        found = old.get(query)
+        found = old.get(self._reused_alias(query) or query)
         return found if isinstance(found, str) else None
+
+    def _reused_alias(self, query: str) -> str | None:
+        """The reused file's gene that `query` was merged into (another spelling of it),
+        when this list names that gene first: `query` is then that gene, neither fetched
+        nor embedded again."""
+        genes = self.genes.genes.genes
+        key = self.reused.meta.get("aliases", {}).get(query) if self.reused else None
+        if not isinstance(key, str) or key not in genes or query in self.records:
+            return None
+        return key if genes.index(key) < genes.index(query) else None
 
     def _engines(self) -> str:
         """The engines that computed the file's rows: this run's and earlier attempts'

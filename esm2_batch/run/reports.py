@@ -7,15 +7,12 @@
 
 A side file with nothing to say is removed, so its presence alone means "look here".
 
-Why a query did not resolve, in words a single-cell researcher can act on:
-A gene list from a 2016 Seurat object, a mouse list run as human, a spreadsheet that
-turned SEPT7 into a date: each leaves genes without a vector, and "not found" alone does
-not say which fix applies. `likely_reason` reads the query's shape and its status;
-`write_unresolved_report` writes one TSV row per unresolved query next to the output:
+Why a query did not resolve: `write_unresolved_report` writes one TSV row per unresolved
+query next to the output, with the likely reason that sources/unresolved.py reads from the
+query's shape (a spreadsheet date, a clone name, the other species' case, ...):
 
     query  status  gene_id  symbol  likely_reason
 
-The reasons are heuristics on the name, worded as "likely"; they never change a status.
 An "incomplete" gene (Ensembl announced translations but returned no sequence for some,
 even when asked twice) is listed too, with what is missing, since its rows are fewer than
 its isoforms and its first row may not be the canonical isoform.
@@ -24,33 +21,29 @@ its isoforms and its first row may not be the canonical isoform.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
-import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from esm2_batch.errors import EnsemblError, name_some
-from esm2_batch.records import (
-    ACCESSION_NAME,
-    CLONE_NAME,
-    SPREADSHEET_DATE,
-    GeneIsoforms,
-    GeneStatus,
-    is_ensembl_gene_id,
-    strip_version,
-)
+from esm2_batch.records import GeneIsoforms, GeneStatus, is_ensembl_gene_id
+from esm2_batch.sources.unresolved import RETRY, likely_reason
 from esm2_batch.store.atomic import atomic_text
 from esm2_batch.store.esm_file import EsmFile
+from esm2_batch.store.keys import RowKeys
 
 __all__ = [
     "REPORT_COLUMNS",
     "RunSummary",
     "case_insensitive_matches",
+    "failed_path",
     "incomplete_reason",
-    "likely_reason",
     "synonym_matches",
     "synonym_note",
     "unresolved_report_path",
@@ -60,136 +53,6 @@ __all__ = [
 ]
 
 REPORT_COLUMNS = ("query", "status", "gene_id", "symbol", "likely_reason")
-# A finished run's esm_all.pt is reused as is, so only --overwrite asks Ensembl again.
-RETRY = "rerun the same command to retry"
-
-# Ensembl gene-ID prefixes (before the G) of common species: ENSG human, ENSMUSG mouse, ...
-_ID_SPECIES = {"ENS": "homo_sapiens", "ENSMUS": "mus_musculus", "ENSRNO": "rattus_norvegicus",
-               "ENSDAR": "danio_rerio", "ENSGAL": "gallus_gallus", "ENSSSC": "sus_scrofa",
-               "ENSMMU": "macaca_mulatta", "ENSBTA": "bos_taurus",
-               "ENSCAF": "canis_lupus_familiaris"}
-_GENE_ID_PREFIX = re.compile(r"^(ENS[A-Z]*?)G\d{11}", re.IGNORECASE)
-_OTHER_ENSEMBL_ID = re.compile(r"^ENS[A-Z]*([TPE])\d{11}(\.\d+)?$", re.IGNORECASE)
-_ID_KIND = {"T": "a transcript ID (ENST)", "P": "a protein ID (ENSP)", "E": "an exon ID (ENSE)"}
-# hg19-era clone names: RP11-34P13.3, CTD-2510F5.4, XXbac-B461K10.4, KB-1183D5.13
-_CLONE = CLONE_NAME  # shared with the synonym lookup (records.py)
-# accession-based names of novel genes: AC012345.1, AL627309.5, AP001234.2, Z98884.1
-_ACCESSION = ACCESSION_NAME
-_RFAM = re.compile(r"^(Y_RNA|U[1-8]|U6atac|5S_rRNA|5_8S_rRNA|7SK|Metazoa_SRP|snoU\d+|SNOR[AD]\d*"
-                   r"|uc_\d+|Vault|ACA\d+|SCARNA\d+|snosnR\d+|SCARNA)$", re.IGNORECASE)
-_NONCODING = re.compile(
-    r"^(MIR\d|LINC\d|SNHG\d|SNOR[AD]\d|SCARNA\d|RNU\d|RNA5S|RNA5-8S|RNY\d|VTRNA|MT-T[A-Z]|MT-RNR)"
-    r"|(-AS\d+|-DT|-IT\d+|-OT\d+)$", re.IGNORECASE)
-_NCBI_LOC = re.compile(r"^LOC\d+$", re.IGNORECASE)
-_MOUSE_PREDICTED = re.compile(r"^Gm\d+$")
-_HUMAN_ORF = re.compile(r"\dorf\d")
-_RIBO_PSEUDO = re.compile(r"^RP[LS]\d+[A-Z]?\d*P\d+$", re.IGNORECASE)
-_EXCEL_DATE = SPREADSHEET_DATE
-_RENAMED = ((re.compile(r"^SEPT(\d+)$", re.IGNORECASE), "SEPTIN{0}"),
-            (re.compile(r"^MARCH(\d+)$", re.IGNORECASE), "MARCHF{0}"))
-_MAKE_UNIQUE = re.compile(r"^.+[A-Za-z]-\d+$")
-
-
-def likely_reason(query: str, status: str, *, species: str | None = None) -> str:
-    """The most likely reason `query` came back with `status` ("" for "ok").
-
-    `species` (the --species of the run) lets it spot a list of the other organism.
-    """
-    if status == "ok":
-        return ""
-    if status == "no_protein":
-        return ("non-coding gene: no protein-coding transcript (of the requested biotypes), "
-                "so no ESM2 vector")
-    if status == "incomplete":
-        return f"protein sequences not returned by Ensembl; {RETRY}"
-    query = query.strip()
-    if is_ensembl_gene_id(query):
-        return _id_reason(query, species)
-    for check in (_other_id, _clone_name, _noncoding_name, _spreadsheet, _placeholder):
-        reason = check(query)
-        if reason:
-            return reason
-    return _case_reason(query, species) or _unknown_symbol(query)
-
-
-def _id_reason(query: str, species: str | None) -> str:
-    match = _GENE_ID_PREFIX.match(query)
-    owner = _ID_SPECIES.get(match.group(1).upper()) if match else None
-    if owner and species and owner != species.lower():
-        return f"an Ensembl ID of {owner}, but the run's species is {species}: check --species"
-    return (f"Ensembl ID not in this release (retired or merged); look up its history at "
-            f"https://www.ensembl.org/id/{strip_version(query)}")
-
-
-def _other_id(query: str) -> str:
-    match = _OTHER_ENSEMBL_ID.match(query)
-    if match:
-        return f"{_ID_KIND[match.group(1).upper()]}, not a gene ID: give the ENSG gene ID"
-    return ""
-
-
-def _clone_name(query: str) -> str:
-    if _CLONE.match(query):
-        return ("old clone-based name (RP11-..., CTD-...) retired from current Ensembl: "
-                "usually a lncRNA; take its Ensembl ID from the study's annotation")
-    if _ACCESSION.match(query):
-        return ("clone-based name (AC..., AL...) of a novel, usually non-coding gene; such "
-                "names change between releases: use the Ensembl ID")
-    return ""
-
-
-def _noncoding_name(query: str) -> str:
-    if _RFAM.match(query):
-        return ("RNA family name shared by many non-coding genes (Rfam); no single gene "
-                "and no protein")
-    if _NONCODING.search(query):
-        return "non-coding gene by its name (miRNA, lncRNA, snoRNA, antisense ...): no protein"
-    if _RIBO_PSEUDO.match(query):
-        return "ribosomal protein pseudogene (RPL/RPS...P): no protein of its own"
-    return ""
-
-
-def _spreadsheet(query: str) -> str:
-    if _EXCEL_DATE.match(query):
-        return ("a gene name turned into a date by a spreadsheet (1-Mar = MARCHF1, "
-                "7-Sep = SEPTIN7); fix the list")
-    for pattern, template in _RENAMED:
-        match = pattern.match(query)
-        if match:
-            return f"renamed symbol: now {template.format(match.group(1))}"
-    return ""
-
-
-def _placeholder(query: str) -> str:
-    if _NCBI_LOC.match(query):
-        return ("NCBI placeholder name (LOC...) that Ensembl does not use: map it to an "
-                "Ensembl ID through NCBI Gene")
-    if _MOUSE_PREDICTED.match(query):
-        return ("predicted-gene name (Gm...): often renamed or retired between releases; use "
-                "the Ensembl ID")
-    return ""
-
-
-def _case_reason(query: str, species: str | None) -> str:
-    if not species or _HUMAN_ORF.search(query):
-        return ""
-    letters = [c for c in query if c.isalpha()]
-    if species.lower() == "homo_sapiens" and letters and any(c.islower() for c in letters):
-        return ("mouse-style symbol (Braf) in a human run: check --species "
-                "(human symbols are upper case)")
-    if species.lower() == "mus_musculus" and len(letters) > 1 and all(
-            c.isupper() for c in letters):
-        return ("human-style symbol (BRAF) in a mouse run with no mouse gene of that name: "
-                "check --species, or its mouse orthologue's symbol")
-    return ""
-
-
-def _unknown_symbol(query: str) -> str:
-    reason = "unknown symbol: renamed (check HGNC/MGI for the current name), a synonym, or misspelt"
-    if _MAKE_UNIQUE.match(query):
-        reason += "; a '-1' suffix from var_names_make_unique?"
-    return reason
-
 
 # ------------------------------------------------------------------------- the report
 
@@ -316,29 +179,50 @@ class StageCounts(Protocol):
 
 @dataclass
 class RunSummary:
-    """What a run did, for the closing report and for callers."""
+    """What a run did, for the closing report and for callers.
+
+    The counts add up, so a reader can check that no gene and no sequence went missing:
+    the distinct genes (genes_in, after exact duplicates) are the merged spellings plus
+    the resolved plus the not found; the resolved are the complete (a row for every
+    isoform) plus the incomplete plus those without protein (no vector); the file's
+    distinct sequences were embedded now, taken from the row cache, resumed from the
+    unfinished run's partial store, or reused from the existing esm_all.pt.
+    """
 
     out: Path
-    genes_in: int = 0
+    genes_in: int = 0  # distinct queries, exact duplicates already dropped
     duplicates: list[str] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)  # later spelling -> the file's key
-    resolved: int = 0
+    complete: int = 0  # status "ok": a row for every isoform
     no_protein: list[str] = field(default_factory=list)
     not_found: list[str] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)
     canonical_missing: list[str] = field(default_factory=list)
     isoforms: int = 0
-    distinct_sequences: int = 0
+    fresh_sequences: int = 0  # distinct sequences of this run's records
     embedded_now: int = 0
     cached_rows: int = 0  # taken from the shared row cache (store/cache.py)
-    reused_rows: int = 0
+    resumed_rows: int = 0  # held by the partial store of an unfinished earlier attempt
+    reused_rows: int = 0  # rows of the genes kept from the existing esm_all.pt
+    reused_sequences: int = 0  # their distinct sequences (not among the fresh ones)
     tokens: int = 0
     failed: list[str] = field(default_factory=list)
     missing_sequences: list[str] = field(default_factory=list)
+    side_files: list[Path] = field(default_factory=list)  # written next to `out`
     fetch_s: float = 0.0
     embed_s: float = 0.0
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def resolved(self) -> int:
+        """Genes Ensembl (or the isoform source) knew, with or without a protein."""
+        return self.complete + len(self.incomplete) + len(self.no_protein)
+
+    @property
+    def distinct_sequences(self) -> int:
+        """The file's distinct protein sequences (several isoforms or genes may share one)."""
+        return self.fresh_sequences + self.reused_sequences
 
     @property
     def tokens_per_s(self) -> float:
@@ -351,19 +235,32 @@ class RunSummary:
     def lines(self) -> list[str]:
         return [
             *self.notes,
-            f"genes in: {self.genes_in} ({len(self.duplicates)} duplicates dropped)",
+            f"genes in: {self.genes_in} distinct ({len(self.duplicates)} duplicates dropped)",
             *self._alias_lines(),
-            f"resolved: {self.resolved}, without protein: {len(self.no_protein)}, "
-            f"not found: {len(self.not_found)}",
+            self._resolved_line(),
             *self._incomplete_lines(),
             f"isoforms: {self.isoforms}, distinct sequences: {self.distinct_sequences} "
             f"({self.embedded_now} embedded now, {self.cached_rows} from the row cache, "
-            f"{self.reused_rows} rows reused)",
+            f"{self.resumed_rows} resumed from the unfinished run, {self.reused_sequences} "
+            f"reused from the existing {self.out.name})",
             f"tokens embedded: {self.tokens}, failed sequences: {len(self.failed)}",
             f"wall: fetch {self.fetch_s:.1f} s, embed {self.embed_s:.1f} s, "
             f"total {self.wall_s:.1f} s; {self.tokens_per_s:.0f} tokens/s",
             f"wrote {self.out}",
+            *self._side_file_lines(),
         ]
+
+    def _resolved_line(self) -> str:
+        """"resolved: 8 of 9 genes (5 with a row for every isoform, 1 incomplete, 2 without
+        protein: no vector), not found: 1": the parts add up to the whole, and a part
+        with no gene is left out."""
+        parts = [f"{self.complete} with a row for every isoform"]
+        if self.incomplete:
+            parts.append(f"{len(self.incomplete)} incomplete")
+        if self.no_protein:
+            parts.append(f"{len(self.no_protein)} without protein: no vector")
+        return (f"resolved: {self.resolved} of {self.genes_in - len(self.aliases)} genes "
+                f"({', '.join(parts)}), not found: {len(self.not_found)}")
 
     def _alias_lines(self) -> list[str]:
         """Spellings of one gene merged into its first spelling (none when there are none)."""
@@ -385,9 +282,21 @@ class RunSummary:
                      f"{name_some(self.canonical_missing)}")
         return [line]
 
+    def _side_file_lines(self) -> list[str]:
+        """One line per side file written, saying what it holds."""
+        what = {unresolved_report_path(self.out).name:
+                "every gene without a full vector, with its likely reason",
+                self.not_found_path.name: "the genes not found, one per line",
+                failed_path(self.out).name: "the sequences that failed to embed, with the error"}
+        return [f"wrote {path.name}: {what.get(path.name, 'a side file')}"
+                for path in self.side_files]
+
     def count(self, genes: Sequence[str], chosen: Mapping[str, GeneIsoforms],
-              reused: EsmFile | None, stage: StageCounts) -> None:
-        """Tally statuses (fresh records first, else what the reused file recorded)."""
+              reused: EsmFile | None, stage: StageCounts, *, keys: RowKeys,
+              resumable: Collection[str] = ()) -> None:
+        """Tally statuses (fresh records first, else what the reused file recorded) and
+        where the fresh records' sequences came from. `resumable`: the keys whose rows
+        the partial store held before the stage started (the stage embeds none again)."""
         old = reused.meta if reused is not None else {}
         for query in genes:
             gene = chosen.get(query)
@@ -396,15 +305,29 @@ class RunSummary:
                 self.reused_rows += len(reused.rows_of(query))
             self._tally(query, status)
             self._tally_missing(query, gene, old)
-        self.distinct_sequences = len({i.sequence for g in chosen.values()
-                                       for i in g.isoforms})
+        fresh = {keys.of(i.sequence) for g in chosen.values() for i in g.isoforms}
+        self.fresh_sequences = len(fresh)
+        self.resumed_rows = len(fresh.intersection(resumable))
         self.embedded_now, self.tokens, self.embed_s = stage.embedded, stage.tokens, stage.busy_s
         self.cached_rows = stage.cached
         self.failed = sorted(name for name, _ in stage.failed.values())
 
+    def count_file(self, written: EsmFile, chosen: Collection[str]) -> None:
+        """The written file's rows, and the distinct sequences among the rows kept from the
+        existing file (genes not in `chosen`). The file keeps no sequences, so these are
+        told apart by their rows' bits, leaving out any a fresh gene's row also has."""
+        self.isoforms = len(written.protein_ids)
+        kept = [i for g in written.genes if g not in chosen for i in written.rows_of(g)]
+        if not kept:
+            self.reused_sequences = 0
+            return
+        fresh = [i for g in written.genes if g in chosen for i in written.rows_of(g)]
+        self.reused_sequences = len(_row_digests(written.emb, kept)
+                                    - _row_digests(written.emb, fresh))
+
     def _tally(self, query: str, status: str) -> None:
         if status == "ok":
-            self.resolved += 1
+            self.complete += 1
         elif status == "incomplete":
             self.incomplete.append(query)
         elif status == "no_protein":
@@ -435,6 +358,19 @@ class RunSummary:
                 queries=self.incomplete)
 
 
+def _row_digests(emb: torch.Tensor, rows: Sequence[int]) -> set[bytes]:
+    """A short digest of each row's bits (identical sequences give identical rows)."""
+    if not rows:
+        return set()
+    block = emb[list(rows)].contiguous().numpy()
+    return {hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in block}
+
+
+def failed_path(out: Path) -> Path:
+    """esm_all.pt -> esm_all.failed.tsv, next to the output."""
+    return out.with_name(out.stem + ".failed.tsv")
+
+
 def _per_gene(meta: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     """meta[key] as a query -> value dict ({} when absent or of another shape)."""
     value = meta.get(key)
@@ -445,15 +381,17 @@ def write_side_files(out: Path, chosen: Mapping[str, GeneIsoforms], summary: Run
                      failed: Mapping[str, tuple[str, str]], written: EsmFile, *,
                      species: str) -> None:
     """The not_found list, the unresolved report and the failures next to `out`."""
-    write_list(summary.not_found_path, summary.not_found)
     status = written.meta.get("status", {})
     unresolved = [chosen.get(q) or _recorded(q, written.meta)
                   for q in written.genes if status.get(q, "ok") != "ok"]
     rows = {q: len(i) for q, i in written.gene_to_isoform_indices.items()}
-    write_unresolved_report(unresolved_report_path(out), unresolved, species=species,
-                            rows=rows, failed={name for name, _ in failed.values()})
-    write_list(out.with_name(out.stem + ".failed.tsv"),
-               sorted(f"{name}\t{error}" for name, error in failed.values()))
+    report = write_unresolved_report(unresolved_report_path(out), unresolved, species=species,
+                                     rows=rows, failed={name for name, _ in failed.values()})
+    summary.side_files = [path for path in (
+        report,
+        write_list(summary.not_found_path, summary.not_found),
+        write_list(failed_path(out), sorted(f"{n}\t{error}" for n, error in failed.values())),
+    ) if path is not None]
 
 
 def _recorded(query: str, meta: Mapping[str, Any]) -> GeneIsoforms:
@@ -470,10 +408,11 @@ def _recorded(query: str, meta: Mapping[str, Any]) -> GeneIsoforms:
                         status, missing, canonical if isinstance(canonical, str) else None)
 
 
-def write_list(path: Path, lines: Iterable[str]) -> None:
-    """One item per line, atomically; no items removes a stale file instead."""
+def write_list(path: Path, lines: Iterable[str]) -> Path | None:
+    """One item per line, atomically; no items removes a stale file instead (None)."""
     items = list(lines)
-    if items:
-        atomic_text(path, "\n".join(items) + "\n")
-    else:
+    if not items:
         path.unlink(missing_ok=True)
+        return None
+    atomic_text(path, "\n".join(items) + "\n")
+    return path

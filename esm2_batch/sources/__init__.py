@@ -8,6 +8,7 @@
     ensembl_ftp.py     where Ensembl's FTP files are; downloading them
     ensembl_files.py   reading pep.all.fa.gz + canonical.tsv.gz, offline
     synonyms.py        outdated symbols -> current genes (xrefs rule, HGNC's table)
+    unresolved.py      why a gene was not resolved: the likely reason, from its name
     isoforms_fasta.py  the --isoforms / --save_isoforms FASTA
     fasta.py           the one FASTA reader
 """

@@ -152,7 +152,9 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path: Path, esm: EsmFi
 
 @pytest.mark.parametrize(("kwargs", "error", "message"), [
     ({"fmt": None, "out": "x.csv"}, InputError, "--format"),
-    ({"fmt": "h5", "out": "x.h5"}, InputError, "--format must be one of"),
+    ({"fmt": "h5", "out": "x.h5"}, InputError, "one dataset per protein id.*export_h5"),
+    ({"fmt": "hdf", "out": "x.h5"}, InputError, "--format must be one of saturn, npz, "
+                                                "parquet, h5"),
     ({"fmt": "npz", "out": "x.npz", "gene_pooling": "max"}, InputError, "canonical, mean"),
     ({"fmt": "npz", "out": "missing/x.npz"}, StoreError, "does not exist"),
 ])
@@ -163,9 +165,44 @@ def test_bad_options_are_one_line(tmp_path: Path, esm: EsmFile, kwargs: dict[str
         export_genes(esm, **kwargs)  # type: ignore[arg-type]
 
 
-def test_a_missing_esm_file_is_a_store_error(tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match="no such embedding file"):
+def test_a_missing_esm_file_is_a_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such embedding file"):
         export_genes(tmp_path / "nope.pt", fmt="npz", out=tmp_path / "x.npz")
+
+
+def test_the_suffix_error_names_every_format_h5_included(tmp_path: Path, esm: EsmFile) -> None:
+    with pytest.raises(InputError) as info:
+        export_genes(esm, out=tmp_path / "x.csv")
+    message = str(info.value)
+    assert ".h5" in message and "--format saturn|npz|parquet|h5" in message
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_include_missing_is_refused_with_saturn(tmp_path: Path, esm: EsmFile) -> None:
+    """SATURN's format is {symbol: vector}: a zero vector would be read as that gene's
+    protein, so a gene without one cannot be kept there (it was dropped silently)."""
+    with pytest.raises(InputError, match=r"--include_missing .* only, not in saturn"):
+        export_genes(esm, fmt="saturn", out=tmp_path / "s.pt", include_missing=True)
+    assert not (tmp_path / "s.pt").exists()
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    (["{missing}", "--out", "{tmp}/x.npz"], ["nope.pt", "no such embedding file"]),
+    (["{esm}", "--out", "{tmp}/x.csv"], [".h5", "--format saturn|npz|parquet|h5"]),
+    (["{esm}", "--out", "{tmp}/s.pt", "--include_missing"], ["--include_missing", "saturn"]),
+    (["{esm}", "--out", "{tmp}/s.pt", "--format", "saturn", "--include_missing"],
+     ["--include_missing"]),
+    (["{esm}", "--out", "{tmp}/r.h5", "--include_missing"], ["--include_missing", "h5"]),
+    (["{esm}", "--out", "{tmp}/x.npz", "--key", "emb_max_layer9"], ["no matrix"]),
+])
+def test_cli_bad_export_inputs_exit_2_in_one_line(tmp_path: Path, esm_path: Path,
+                                                  args: list[str], needles: list[str]) -> None:
+    from tests.test_cli import assert_one_line_error, invoke
+
+    values = {"missing": tmp_path / "nope.pt", "esm": esm_path, "tmp": tmp_path}
+    code, _, stderr = invoke("export", *(a.format(**values) for a in args))
+    assert_one_line_error(code, stderr, 2, *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["esm_all.pt"]  # nothing written
 
 
 def test_non_finite_rows_are_named(esm: EsmFile) -> None:

@@ -68,7 +68,7 @@ def test_a_persistently_dropped_isoform_makes_the_gene_incomplete(
     assert meta["status"] == {"GENE0001": "incomplete", "GENE0002": "ok"}
     assert meta["incomplete"] == 1 and meta["missing_protein_ids"] == {"GENE0001": [THIRD]}
     assert meta["canonical_missing"] == {}
-    assert summary.incomplete == ["GENE0001"] and summary.resolved == 1
+    assert summary.incomplete == ["GENE0001"] and summary.complete == 1
     assert summary.missing_sequences == [THIRD] and summary.no_protein == []
     assert ("incomplete: 1 genes (1 sequences missing): GENE0001; see "
             "esm_all.unresolved.tsv") in summary.lines()

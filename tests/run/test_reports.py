@@ -11,10 +11,10 @@ from esm2_batch.records import GeneIsoforms, Isoform
 from esm2_batch.run.reports import (
     REPORT_COLUMNS,
     case_insensitive_matches,
-    likely_reason,
     unresolved_report_path,
     write_unresolved_report,
 )
+from esm2_batch.sources.unresolved import likely_reason
 
 
 @pytest.mark.parametrize(("query", "status", "species", "expected"), [

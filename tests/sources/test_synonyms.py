@@ -12,11 +12,12 @@ import pytest
 
 from esm2_batch import fetch_isoforms
 from esm2_batch.records import GeneIsoforms
-from esm2_batch.run.reports import likely_reason, synonym_note, unresolved_rows
+from esm2_batch.run.reports import synonym_note, unresolved_rows
 from esm2_batch.sources.ensembl_files import isoforms_from_files
 from esm2_batch.sources.ensembl_rest import EnsemblClient
 from esm2_batch.sources.ensembl_rest.parse import parse_xrefs
 from esm2_batch.sources.synonyms import SynonymTable, choose, worth_a_lookup
+from esm2_batch.sources.unresolved import likely_reason
 from tests.fakes.ensembl import (
     FIXTURES,
     FakeEnsembl,
