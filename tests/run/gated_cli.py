@@ -1,7 +1,6 @@
-"""The esm2-batch CLI with its embedder watched (and held, or its disk filled), for the
-interrupt and disk-full tests.
+"""The esm2-batch CLI with its embedder watched and held, for the interrupt tests.
 
-    python -m tests.run.gated_cli LOG [--hold N] [--full_after K] -- <esm2-batch args>
+    python -m tests.run.gated_cli LOG [--hold N] -- <esm2-batch args>
 
 Runs the real CLI (esm2_batch.cli:app) in this process, with seams and nothing else:
 
@@ -12,9 +11,6 @@ Runs the real CLI (esm2_batch.cli:app) in this process, with seams and nothing e
   as if inside a long forward pass, until the process gets SIGINT or SIGTERM; then it
   goes on as before. So a test interrupts at a known point, after the embedder has
   produced rows and before they could reach a 256-row flush: an event, not a sleep.
-- `--full_after K`: the first K torch.save calls work, every later one writes part of
-  its file and fails with ENOSPC, as a disk filling up under the run would (torch.save
-  writes the row chunks; nothing else it writes comes before them).
 
 The CLI's own signal handling (cli._guarded) is unchanged: the wrappers only note that a
 signal came, then do what the CLI's handlers do.
@@ -23,8 +19,6 @@ signal came, then do what the CLI's handlers do.
 from __future__ import annotations
 
 import argparse
-import errno
-import os
 import signal
 import sys
 import threading
@@ -79,36 +73,15 @@ def _note_signals() -> None:
     cli._raise_terminated = on_term  # type: ignore[assignment]  # _guarded installs it
 
 
-def _fill_disk_after(saves: int) -> None:
-    import torch
-
-    real_save = torch.save
-    done = 0
-
-    def save(obj: object, handle: Any, *args: Any, **kwargs: Any) -> None:
-        nonlocal done
-        done += 1
-        if done <= saves:
-            real_save(obj, handle, *args, **kwargs)
-            return
-        handle.write(b"the first bytes of a chunk")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    torch.save = save
-
-
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.run.gated_cli")
     parser.add_argument("log", type=Path)
     parser.add_argument("--hold", type=int, default=0)
-    parser.add_argument("--full_after", type=int, default=None)
     split = argv.index("--") if "--" in argv else len(argv)
     options, args = parser.parse_args(argv[:split]), argv[split + 1:]
     handle = open(options.log, "a", encoding="utf-8")  # noqa: SIM115 (open until exit)
     _watch_embedder(handle, options.hold)
     _note_signals()
-    if options.full_after is not None:
-        _fill_disk_after(options.full_after)
     from esm2_batch.cli import app
 
     app(args=args, prog_name="esm2-batch")
