@@ -6,6 +6,8 @@ ray_stage.py), used by gene mode and FASTA mode alike.
                                          │ token-budget batches (embedding.embed_rows)
                                          ▼
                                    RowSink.add_rows(keys, float32 rows)
+                                   (the thread stage: on its writer thread, run/row_writer.py,
+                                   every 256 rows or 30 s and at once when stopped)
 
 With several layers or poolers (EmbedOptions.matrices), a row is every pooled vector side
 by side, [n_matrices * dim] in matrices order (`Embedded.packed`): one tensor per
