@@ -423,8 +423,11 @@ def _raise_terminated(signum: int, frame: object) -> None:
 def _guarded(work: Callable[[], None]) -> None:
     """Run `work`; turn our errors into one line on stderr and an exit code.
 
-    SIGINT and SIGTERM unwind the run like an exception: the embedding thread is stopped
-    and joined, and every finished row and gene is already durable in the partial store.
+    SIGINT and SIGTERM unwind the run like an exception: the embedding stage is stopped
+    and waited for, and its writer thread writes every row embedded so far (run/stages.py)
+    before the exit, so a rerun embeds only the rest; every fetched gene is already in the
+    partial store. A second signal during that wait ends the run at once (written files
+    are whole; rows not yet written are embedded again by the rerun).
     The process then ends with os._exit: once torch has run in a worker thread, an
     interrupted run's interpreter teardown can abort in torch's C++ runtime
     ("terminate called without an active exception", exit 134) after the work was

@@ -6,6 +6,8 @@ ray_stage.py), used by gene mode and FASTA mode alike.
                                          │ token-budget batches (embedding.embed_rows)
                                          ▼
                                    RowSink.add_rows(keys, float32 rows)
+                                   (the thread stage: on its writer thread, run/row_writer.py,
+                                   every 256 rows or 30 s and at once when stopped)
 
 With several layers or poolers (EmbedOptions.matrices), a row is every pooled vector side
 by side, [n_matrices * dim] in matrices order (`Embedded.packed`): one tensor per
@@ -26,7 +28,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -39,6 +41,7 @@ from esm2_batch.embedding.options import EmbedOptions
 from esm2_batch.embedding.sequences import clean_sequence
 from esm2_batch.errors import InputError, StoreError
 from esm2_batch.models import LoadedModel
+from esm2_batch.run.row_writer import Clock, Finished, RowBatch, RowWriter
 from esm2_batch.store.cache import CacheView, RowCache, open_row_cache
 from esm2_batch.store.keys import RowKeys
 
@@ -118,9 +121,14 @@ class EmbedStage(Protocol):
 class PendingSequences:
     """What every stage shares: distinct sequences not yet embedded, rows handed to the
     sink (and to the shared row cache, which also answers before anything is embedded),
-    failures recorded by key, and the residues-embedded progress bar."""
+    failures recorded by key, and the residues-embedded progress bar.
 
-    flush_rows = 256  # rows per sink write
+    A sequence is in exactly one of: pending (`_pending`), being embedded or on its way
+    to the sink (`_taken`), stored (`done`) or `failed`; `_write` marks it done before
+    it leaves `_taken`, so a sequence submitted again meanwhile is never embedded twice.
+    """
+
+    flush_rows = 256  # rows per sink write (at most; the thread stage also writes by time)
 
     def __init__(self, model: LoadedModel, sink: RowSink, options: EmbedOptions, *,
                  keys: RowKeys, progress: bool, cache: CacheView | None = None) -> None:
@@ -133,8 +141,9 @@ class PendingSequences:
         self.cache: CacheView | None = None
         self._read_cache = False
         self.use_cache(cache)
-        self._hits = _RowBatch(self._hand_over, self.flush_rows)
+        self._hits = RowBatch(self._write, self.flush_rows)
         self._taken: dict[str, str] = {}  # key -> sequence, embedding now
+        self._bar_lock = threading.Lock()  # the embedding and writer threads both count
         self._bar = tqdm(total=0, desc="residues embedded", unit="aa", unit_scale=True,
                          disable=None if progress else True)
 
@@ -149,7 +158,7 @@ class PendingSequences:
         for name, sequence in items:
             key = self.keys.of(sequence)
             if (key in self.done or key in self._pending or key in self.failed
-                    or key in fresh):
+                    or key in self._taken or key in fresh):
                 continue
             try:
                 clean_sequence(sequence, name=name)
@@ -166,21 +175,21 @@ class PendingSequences:
 
     def _from_cache(self, fresh: dict[str, Named]) -> list[str]:
         """Keys of `fresh` whose rows the shared cache holds: queued for the sink as they
-        are (the sink gets them with the next embedded ones, or at `_take_pending`)."""
+        are (`_keep_hit`), not embedded."""
         if not self._read_cache or not fresh or self.cache is None:
             return []
         keys = list(fresh)
         hits = self.cache.lookup([fresh[k][1] for k in keys])
         for position, row in hits.items():
             key = keys[position]
-            self._hits.add(key, row, len(fresh[key][1]))
             self.done.add(key)
+            self._keep_hit(Finished(key, fresh[key][0], row, len(fresh[key][1]), fresh=False))
         self.cached += len(hits)
         return [keys[p] for p in hits]
 
-    def _hand_over(self, keys: list[str], rows: torch.Tensor, lengths: Sequence[int]) -> None:
-        """Cached rows to the sink (not counted as embedded: no forward pass made them)."""
-        self.sink.add_rows(list(keys), rows)
+    def _keep_hit(self, item: Finished) -> None:
+        """A cached row for the sink: with the next embedded ones, or at `_take_pending`."""
+        self._hits.add(item)
 
     def _tokens_pending(self) -> int:
         return sum(self.options.tokens(len(s)) for _, s in self._pending.values())
@@ -195,41 +204,57 @@ class PendingSequences:
         return pending
 
     def _persist(self, keys: list[str], rows: torch.Tensor, lengths: Sequence[int]) -> None:
-        """Hand rows to the sink (and the shared cache) and count them as done."""
-        if not keys:
-            return
-        self.sink.add_rows(list(keys), rows)
-        sequences = [self._taken.pop(k, "") for k in keys]
-        if self.cache is not None and all(sequences):
-            self.cache.store(sequences, rows)
-        self.done.update(keys)
-        self.embedded += len(keys)
-        self.tokens += sum(self.options.tokens(n) for n in lengths)
-        self._bar.update(sum(self.options.kept(n) for n in lengths))
+        """Rows this stage embedded, to the sink and the shared cache (the Ray driver's
+        entry point; the thread stage's writer calls `_write`)."""
+        if keys:
+            self._write(list(keys), rows, list(lengths), [True] * len(keys))
+
+    def _write(self, keys: list[str], rows: torch.Tensor, lengths: list[int],
+               fresh: list[bool]) -> None:
+        """Hand rows to the sink, count them as done, and put the freshly embedded ones
+        (`fresh`; the others came from the cache) into the shared cache."""
+        self.sink.add_rows(keys, rows)
+        self.done.update(keys)  # before they leave `_taken` (see the class docstring)
+        new = [n for n, is_new in enumerate(fresh) if is_new]
+        sequences = [self._taken.pop(keys[n], "") for n in new]
+        if self.cache is not None and sequences and all(sequences):
+            self.cache.store(sequences, rows[new] if len(new) < len(keys) else rows)
+        self.embedded += len(new)
+        self.tokens += sum(self.options.tokens(lengths[n]) for n in new)
+        self._advance(sum(self.options.kept(lengths[n]) for n in new))
 
     def _fail(self, key: str, name: str, error: str, length: int) -> None:
         self.failed[key] = (name, error)
         self._taken.pop(key, None)
-        self._bar.update(self.options.kept(length))
+        self._advance(self.options.kept(length))
+
+    def _advance(self, residues: int) -> None:
+        if residues:
+            with self._bar_lock:
+                self._bar.update(residues)
 
 
 class ThreadStage(PendingSequences, threading.Thread):
-    """The in-process stage: a consumer thread collects a window of distinct pending
-    sequences, embeds them and hands rows to the sink.
+    """The in-process stage: an embedding thread collects a window of distinct pending
+    sequences and embeds them; a writer thread (run/row_writer.py) stores the rows.
 
     It embeds when the window holds `window_batches` batches' worth of tokens, or when
     the queue runs dry with at least one batch's worth waiting (the device would idle
     otherwise), or at the end. Within a window, embed_rows sorts by length and packs
-    token-budget batches; rows go to the sink every `flush_rows` rows.
+    token-budget batches; each finished sequence goes to the writer at once, which
+    writes rows every `flush_rows` rows or `flush_seconds` seconds (by `clock`), and,
+    when the stage is stopped (Ctrl-C, SIGTERM, an error), everything it was handed
+    before the embedding thread ends: nothing embedded is thrown away.
     """
 
     window_batches = 8
+    flush_seconds = 30.0
     _CLOSE: Sequence[Named] = (("", ""),)  # a sentinel no caller can submit (empty names)
 
     def __init__(self, model: LoadedModel, sink: RowSink, options: EmbedOptions, *,
                  keys: RowKeys, progress: bool, queue_items: int = 256,
-                 residues: ResidueSink | None = None, cache: CacheView | None = None
-                 ) -> None:
+                 residues: ResidueSink | None = None, cache: CacheView | None = None,
+                 clock: Clock = time.monotonic) -> None:
         PendingSequences.__init__(self, model, sink, options, keys=keys, progress=progress,
                                   cache=cache)
         self.residues = residues
@@ -239,6 +264,14 @@ class ThreadStage(PendingSequences, threading.Thread):
         self.queue: queue.Queue[Sequence[Named]] = queue.Queue(maxsize=queue_items)
         self.error: BaseException | None = None
         self._stopping = threading.Event()
+        self._ended = threading.Event()
+        self.writer = RowWriter(self._write, size=self.flush_rows, seconds=self.flush_seconds,
+                                urgent=self._stopping, clock=clock,
+                                states=None if residues is None else self._store_states)
+
+    def start(self) -> None:
+        self.writer.start()
+        threading.Thread.start(self)
 
     # producer side
     def submit(self, items: Sequence[Named]) -> None:
@@ -254,36 +287,50 @@ class ThreadStage(PendingSequences, threading.Thread):
         return self.queue.full()
 
     def wait_for_room(self) -> None:
-        while self.queue.full() and self.is_alive() and not self._stopping.is_set():
+        while (self.queue.full() and not self._ended.is_set()
+               and not self._stopping.is_set() and self.writer.error is None):
             time.sleep(0.01)
 
     def finish(self) -> None:
         self.submit(self._CLOSE)
-        self.join()
+        self._wait()
         self.raise_error()
 
     def stop(self) -> None:
-        """Ask the thread to end and wait for it, so no torch work outlives the run."""
+        """Ask the threads to end and wait for them: the writer writes every row it was
+        handed (at once: `_stopping` is its cue), and no torch work outlives the run."""
         self._stopping.set()
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join()
+        if threading.current_thread() is not self:
+            self._wait()
         self._bar.close()
 
-    def raise_error(self) -> None:
-        if self.error is not None:
-            raise self.error
+    def _wait(self) -> None:
+        """Until both threads have ended (if started). Events, not Thread.join: on Python
+        3.11 a join interrupted by Ctrl-C marks the still running thread as ended, and the
+        interrupted run then exited while rows were being embedded, unwritten."""
+        if self.ident is not None:
+            self._ended.wait()
+            self.writer.wait()
 
-    # consumer side
+    def raise_error(self) -> None:
+        error = self.error or self.writer.error
+        if error is not None:
+            raise error
+
+    # embedding side
     def run(self) -> None:
         try:
             self._loop()
         except BaseException as exc:  # handed to the producer, which raises it
             self.error = exc
+        finally:
+            self.writer.close()  # it writes what it holds, then ends
+            self._ended.set()
 
     def _loop(self) -> None:
         budget = self.options.toks_per_batch
         closed = False
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and self.writer.error is None:
             closed = self._drain(block=not closed and self._tokens_pending() < budget) or closed
             waiting = self._tokens_pending()
             if closed or waiting >= budget * self.window_batches or (
@@ -307,47 +354,33 @@ class ThreadStage(PendingSequences, threading.Thread):
             except queue.Empty:
                 return False
 
+    def _keep_hit(self, item: Finished) -> None:
+        self.writer.put(item)  # every store write happens on the writer thread
+
     def _embed_pending(self) -> None:
         pending = self._take_pending()
         if not pending:
             return
         started = time.perf_counter()
-        batch = _RowBatch(self._persist, self.flush_rows)
-        for result in embed_rows(self.model, [named for _, named in pending], self.options):
-            if self._stopping.is_set():
-                break
-            key, (name, sequence) = pending[result.index]
-            if result.packed is None:
-                self._fail(key, name, str(result.error), len(sequence))
-            else:
-                batch.add(key, result.packed, len(sequence))
-                if self.residues is not None:
-                    self.residues.add(key, name, result.residues, result.packed)
-        batch.flush()
-        self.busy_s += time.perf_counter() - started
+        per_tok = self.residues is not None
+        try:
+            for result in embed_rows(self.model, [named for _, named in pending],
+                                     self.options):
+                key, (name, sequence) = pending[result.index]
+                if result.packed is None:
+                    self._fail(key, name, str(result.error), len(sequence))
+                else:
+                    self.writer.put(Finished(key, name, result.packed, len(sequence),
+                                             residues=result.residues if per_tok else ()))
+                if self._stopping.is_set():  # this row is kept; the next is not started
+                    break
+        finally:
+            self.busy_s += time.perf_counter() - started
 
-
-@dataclass
-class _RowBatch:
-    """Rows collected until `size`, then handed on together (one sink write, not many)."""
-
-    persist: Callable[[list[str], torch.Tensor, Sequence[int]], None]
-    size: int
-    keys: list[str] = field(default_factory=list)
-    rows: list[torch.Tensor] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)
-
-    def add(self, key: str, row: torch.Tensor, length: int) -> None:
-        self.keys.append(key)
-        self.rows.append(row)
-        self.lengths.append(length)
-        if len(self.keys) >= self.size:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.keys:
-            self.persist(self.keys, torch.stack(self.rows), self.lengths)
-        self.keys, self.rows, self.lengths = [], [], []
+    def _store_states(self, item: Finished) -> None:
+        """per_tok: a sequence's states to the residue writer (on the writer thread)."""
+        assert self.residues is not None
+        self.residues.add(item.key, item.name, item.residues, item.row)
 
 
 @dataclass(frozen=True)
