@@ -121,13 +121,14 @@ def skipped(section: Section, skip: list[str]) -> bool:
 
 
 def status(result: Result) -> str:
-    """One word per section for the summary: error, timed_out, skipped, fail or ok."""
+    """One word per section for the summary: error, timed_out, missing_package (carry
+    its wheel), skipped, fail or ok."""
     if "error" in result:
         return "error"
     if result.get("timed_out"):
         return "timed_out"
     if "skipped" in result:
-        return "skipped"
+        return "missing_package" if "not installed here" in result["skipped"] else "skipped"
     return "fail" if result.get("pass") is False else "ok"
 
 
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     runner.save()
     print(json.dumps(runner.report))
     bad = [name for name, word in runner.report["status"].items()
-           if word in ("error", "timed_out")]
+           if word in ("error", "timed_out", "missing_package", "fail")]
     return 1 if bad else 0
 
 

@@ -11,17 +11,22 @@ Each measure is written so that it reads the same on the lent GPU and on CPU (--
   so the padding fraction is what ran, not what a plan predicts;
 - `attention_profile`: which attention ran, from torch.profiler's operator and kernel
   names (SDPA's flash / efficient / cudnn / math backends, FlexAttention, flash-attn, or
-  none: fair-esm's own bmm + softmax).
+  none: fair-esm's own bmm + softmax);
+- `machine_facts`: what it ran on (versions from metadata, GPU, SDPA and TF32 settings).
 
-Only the standard library and torch are imported here.
+Only the standard library and torch are imported at the top (machine_facts borrows
+bench_embed's CPU-name reader, which needs nothing more).
 """
 
 from __future__ import annotations
 
 import gc
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
@@ -43,6 +48,9 @@ ATTENTION_BACKENDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 """Backend -> substrings of profiler event names (aten operators on any device, CUDA
 kernel names on a GPU) that show it ran."""
+PACKAGES = ("torch", "numpy", "fair-esm", "aiolimiter", "aiohttp", "transformers", "typer",
+            "tqdm", "safetensors", "ray", "flash-attn")
+"""Versions the machine section reports (from metadata: nothing is imported)."""
 
 
 def synchronize(device: torch.device) -> None:
@@ -220,3 +228,50 @@ def classify_attention(names: set[str]) -> list[str]:
 def _attention_name(name: str) -> bool:
     lowered = name.lower()
     return any(mark in lowered for mark in ("attention", "flash", "fmha", "sdpa", "softmax"))
+
+
+def machine_facts(device: torch.device) -> Result:
+    """What the figures are measured on: versions, CPU, load, GPU and its settings;
+    `cuda_works` says whether this process could compute on `device`'s GPU."""
+    from bench_embed import cpu_model
+
+    info: Result = {
+        "python": platform.python_version(), "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda, "platform": platform.platform(),
+        "processor": cpu_model() or platform.machine(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m": round(os.getloadavg()[0], 2), "packages": package_versions(),
+        "cuda_available": torch.cuda.is_available(), "cuda_works": False,
+    }
+    if device.type != "cuda":
+        return info
+    try:
+        x = torch.arange(4.0, device=device)
+        assert float((x * x).sum()) == 14.0
+        props = torch.cuda.get_device_properties(device)
+        cuda = torch.backends.cuda
+        info.update({
+            "gpu": props.name, "capability": f"{props.major}.{props.minor}",
+            "multiprocessors": props.multi_processor_count,
+            "total_memory_gib": round(props.total_memory / 2**30, 1),
+            "cudnn": torch.backends.cudnn.version(),
+            "matmul_allow_tf32": cuda.matmul.allow_tf32,
+            "sdpa_enabled": {
+                "flash": cuda.flash_sdp_enabled(), "efficient": cuda.mem_efficient_sdp_enabled(),
+                "math": cuda.math_sdp_enabled(),
+                "cudnn": getattr(cuda, "cudnn_sdp_enabled", lambda: None)()},
+            "cuda_works": True})
+    except Exception as exc:  # recorded: the parent decides
+        info["cuda_error"] = f"{type(exc).__name__}: {exc}"
+    return info
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions, read from metadata (nothing is imported)."""
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out

@@ -10,15 +10,12 @@ inside the contender or section that needs them: a missing one is a skipped entr
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from functools import partial
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +26,7 @@ from device_measure import (
     attention_profile,
     first_layer,
     gemm_rate,
+    machine_facts,
     release,
     synchronize,
 )
@@ -51,8 +49,6 @@ QUICK_SHAPES = {  # tiny stand-ins for the published sizes in --quick (head dims
 SEQUENCES = {  # (parity, speed) proteins per size; sized so the run fits 8 min on an H100
     "650M": (200, 1000), "3B": (100, 400), "quick": (6, 12)}
 TOKS_PER_BATCH = 16384
-PACKAGES = ("torch", "numpy", "fair-esm", "aiolimiter", "aiohttp", "transformers", "typer",
-            "tqdm", "safetensors", "ray", "flash-attn")
 
 Run = Callable[[list[str]], torch.Tensor]
 Build = Callable[[], tuple[Run, nn.Module]]
@@ -236,48 +232,7 @@ def _clock(device: torch.device) -> float:
 def machine(ctx: Context) -> Result:
     """What the figures were measured on; `cuda_works` tells the parent whether this
     process could use the GPU (a forked one that cannot makes it spawn the rest)."""
-    from bench_embed import cpu_model
-
-    info: Result = {
-        "python": platform.python_version(), "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda, "platform": platform.platform(),
-        "processor": cpu_model() or platform.machine(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1m": round(os.getloadavg()[0], 2), "packages": package_versions(),
-        "cuda_available": torch.cuda.is_available(), "cuda_works": False,
-    }
-    if not ctx.cuda:
-        return info
-    try:
-        x = torch.arange(4.0, device=ctx.device)
-        assert float((x * x).sum()) == 14.0
-        props = torch.cuda.get_device_properties(ctx.device)
-        cuda = torch.backends.cuda
-        info.update({
-            "gpu": props.name, "capability": f"{props.major}.{props.minor}",
-            "multiprocessors": props.multi_processor_count,
-            "total_memory_gib": round(props.total_memory / 2**30, 1),
-            "cudnn": torch.backends.cudnn.version(),
-            "matmul_allow_tf32": cuda.matmul.allow_tf32,
-            "sdpa_enabled": {
-                "flash": cuda.flash_sdp_enabled(), "efficient": cuda.mem_efficient_sdp_enabled(),
-                "math": cuda.math_sdp_enabled(),
-                "cudnn": getattr(cuda, "cudnn_sdp_enabled", lambda: None)()},
-            "cuda_works": True})
-    except Exception as exc:  # recorded: the parent decides
-        info["cuda_error"] = f"{type(exc).__name__}: {exc}"
-    return info
-
-
-def package_versions() -> dict[str, str]:
-    """Installed versions, read from metadata (nothing is imported)."""
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    return machine_facts(ctx.device)
 
 
 def gemm(ctx: Context) -> Result:

@@ -24,7 +24,7 @@ if str(SCRIPTS) not in sys.path:  # the scripts import each other by name, as wh
 
 from device_measure import Positions, classify_attention, first_layer  # noqa: E402
 from device_runner import Context, Result, Runner, Section, read_json  # noqa: E402
-from device_sections import build_transformers, contender, spec_of  # noqa: E402
+from device_sections import build_transformers, contender, gemm, spec_of  # noqa: E402
 
 OURS = ("fast",)  # engines every build has (a new one shows up as one more entry)
 
@@ -137,6 +137,15 @@ def test_what_a_dying_section_saved_is_kept_and_failures_are_recorded(tmp_path: 
     assert failed["error"] == "RuntimeError: boom" and "traceback" in failed
     saved = read_json(tmp_path / "report.json")
     assert set(saved["speed"]) == {"650M", "3B"} and "oom" in saved
+
+
+@pytest.mark.slow
+def test_sections_also_run_in_spawned_processes(tmp_path: Path) -> None:
+    """The fallback where a forked child cannot use CUDA: a fresh interpreter per section."""
+    run = runner(tmp_path)
+    run.method = "spawn"
+    result = run.run(Section(("gemm",), gemm, cap_s=300.0))
+    assert result["fp16"]["median_tflop_per_s"] > 0 and result["fp32"]["reps"] == 3
 
 
 def test_sections_past_the_budget_are_skipped(tmp_path: Path) -> None:
