@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.startswith("cuda") and not found.get("cuda_works"):
         runner.report["error"] = "CUDA is not usable here: use --quick on CPU"
         runner.save()
+        runner.close()
         print(json.dumps(runner.report))
         return 2
     cap = QUICK_CAP_S if args.quick else None
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                               {"skipped": "goals are read on CUDA at the published sizes"})
     runner.report["status"] = sections_run(runner.report)
     runner.save()
+    runner.close()
     print(json.dumps(runner.report))
     bad = [name for name, word in runner.report["status"].items()
            if word in ("error", "timed_out", "missing_package", "fail")]

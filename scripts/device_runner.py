@@ -26,7 +26,9 @@ import importlib
 import json
 import multiprocessing
 import os
+import shutil
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -134,6 +136,9 @@ def _child(section: Section, args: argparse.Namespace, report: Result,
         result = {"error": f"{type(exc).__name__}: {exc}",
                   "traceback": traceback.format_exc(limit=8)}
     write_json(result_path, {"result": result, "finished": True})
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)  # no interpreter shutdown: a lingering thread must not hold the cap
 
 
 def run_one(section: Section, *, args: argparse.Namespace, report: Result, cap_s: float,
@@ -152,13 +157,15 @@ def run_one(section: Section, *, args: argparse.Namespace, report: Result, cap_s
     except BaseException:  # Ctrl-C: the child is in its own group and would run on
         _kill(process)
         raise
-    saved = read_json(result_path)
-    if process.is_alive():
+    timed_out = process.is_alive() and not read_json(result_path).get("finished")
+    if process.is_alive():  # over its cap, or done but stuck on its way out
         _kill(process)
-        result = dict(saved)  # partial: what it had measured
-        result.update({"timed_out": True, "cap_s": round(cap_s, 1)})
-    elif saved.get("finished"):
+    saved = read_json(result_path)
+    if saved.get("finished"):
         result = dict(saved["result"])
+    elif timed_out:
+        result = dict(saved)  # what it had measured until the kill
+        result.update({"timed_out": True, "cap_s": round(cap_s, 1)})
     else:
         result = dict(saved)
         result["error"] = (f"section process ended with exit code {process.exitcode} "
@@ -193,6 +200,10 @@ class Runner:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+    def close(self) -> None:
+        """Remove the sections' scratch files (the report stays)."""
+        shutil.rmtree(self._work, ignore_errors=True)
 
     def save(self) -> None:
         self.report["wall_s"] = round(self.elapsed(), 1)
