@@ -54,28 +54,25 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import esm  # noqa: E402
-from esm.model.esm2 import ESM2  # noqa: E402
-
 from esm2_batch.embedding.batching import SPECIAL_TOKENS, padded_tokens, plan_batches  # noqa: E402
-from esm2_batch.embedding.embed import embed_sequences  # noqa: E402
-from esm2_batch.models import (  # noqa: E402
-    ESM2_MODELS,
-    LoadedModel,
-    ModelSpec,
-    load_model,
-)
-from esm2_batch.models.esm2_fast import FastESM2  # noqa: E402
-from esm2_batch.models.weights import read_checkpoint  # noqa: E402
-from tests.fakes.tiny_esm import write_random_checkpoint  # noqa: E402
-from tests.fakes.tiny_hf import hf_esm2_config, hf_esm2_state  # noqa: E402
+
+if TYPE_CHECKING:
+    import esm
+    from esm.model.esm2 import ESM2
+
+    from esm2_batch.models import LoadedModel, ModelSpec
+    from esm2_batch.models.esm2_fast import FastESM2
+
+# fair-esm, the package's models and the test fakes are imported where they are used:
+# scripts/device_check.py imports this module for its length mix and timing helpers on a
+# machine that may lack a package, and must reach the point where it can say which.
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 DEFAULT_ARCH = {"cpu": "35M", "cuda": "650M"}
@@ -135,6 +132,8 @@ def fair_esm_extract(
     *, toks_per_batch: int, truncation: int, device: torch.device,
 ) -> tuple[torch.Tensor, int]:
     """esm-extract's loop; returns the rows in input order and the padded token count."""
+    import esm
+
     labels = [str(i) for i in range(len(sequences))]
     dataset = esm.data.FastaBatchedDataset(labels, sequences)
     batches = dataset.get_batch_indices(toks_per_batch, extra_toks_per_seq=1)
@@ -158,6 +157,10 @@ def fair_esm_module(
     path: Path, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.nn.Module, esm.data.Alphabet]:
     """The checkpoint as plain fair-esm builds it (its own rotary and attention)."""
+    import esm
+
+    from esm2_batch.models.weights import read_checkpoint
+
     with warnings.catch_warnings():  # no contact-regression file: irrelevant to embeddings
         warnings.simplefilter("ignore", UserWarning)
         module, alphabet = esm.pretrained.load_model_and_alphabet_core(
@@ -174,6 +177,8 @@ def transformers_model(module: ESM2, device: torch.device,
         from transformers import EsmConfig, EsmModel
     except ImportError:
         return None
+    from tests.fakes.tiny_hf import hf_esm2_config, hf_esm2_state
+
     fields = {k: v for k, v in hf_esm2_config(module).items() if k != "architectures"}
     config = EsmConfig(**fields)
     config._attn_implementation = "sdpa"
@@ -217,6 +222,9 @@ def contenders(
 ) -> list[Contender]:
     """(a) fair-esm's loop in fp32 (and fp16 on CUDA), (b) reference and (c) fast engine,
     (d) transformers' EsmModel with sdpa when transformers is installed."""
+    from esm2_batch.embedding.embed import embed_sequences
+    from esm2_batch.models import load_model
+
     common = {"toks_per_batch": args.toks_per_batch, "truncation": args.truncation}
     plan_padded = ours_padded_tokens(args)
     out = []
@@ -397,6 +405,9 @@ def cpu_model() -> str:
 
 def main() -> None:
     """Warm up, measure the peak, time (a), (b), (c), measure the peak again; print."""
+    from esm2_batch.models import ESM2_MODELS
+    from tests.fakes.tiny_esm import write_random_checkpoint
+
     args = parse_args()
     device = torch.device(args.device)
     if args.threads:

@@ -82,9 +82,10 @@ def measure(queries: list[str], model: LoadedModel, args: argparse.Namespace,
                        bandwidth=5e6)
     with fake.running_in_thread() as url:
         rest = SourceOptions(ensembl_url=url, rate_limit=args.rate_limit)
+        # row cache off: the embed-only run would read the rows the e2e run just cached
         base = RunConfig(hvg_file=hvg, source=rest,
                          embed=EmbedOptions(toks_per_batch=args.toks_per_batch),
-                         stage=StageOptions(progress=False))
+                         stage=StageOptions(progress=False, cache=False))
         fetch_only = _fetch_only(url, queries, args, work / "isoforms.fa")
         e2e = run(replace(base, output=OutputOptions(out=work / "e2e.pt")), model=model)
     embed = run(replace(base, output=OutputOptions(out=work / "embed.pt"),
