@@ -8,6 +8,7 @@ resume state, 130 interrupted, 143 terminated. The flags themselves are in cli_f
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -51,6 +52,7 @@ from esm2_batch.cli_flags import (
     parse_poolers,
     parse_size,
 )
+from esm2_batch.cli_look import inspect_command, report_command
 from esm2_batch.errors import (
     EmbeddingError,
     EnsemblError,
@@ -406,6 +408,21 @@ def cache_prune(
                    f"{info.file_bytes / 1e6:,.1f} MB on disk ({info.path})")
 
     _guarded(work)
+
+
+def _guarded_command(command: Callable[..., None]) -> Callable[..., None]:
+    """A command function of another module, run under `_guarded` (typer reads the
+    wrapped function's signature through functools.wraps)."""
+
+    @functools.wraps(command)
+    def guarded(*args: Any, **kwargs: Any) -> None:
+        _guarded(lambda: command(*args, **kwargs))
+
+    return guarded
+
+
+app.command("inspect")(_guarded_command(inspect_command))
+app.command("report")(_guarded_command(report_command))
 
 
 def _model_name(model_path: Path | None, model_size: str) -> str:

@@ -394,6 +394,9 @@ class GeneRun:
             "synonyms": per_gene(  # query -> current symbol, for queries found by synonym
                 "synonyms", lambda g: g.symbol if g.matched_by == "synonym" else None, None),
             "symbols": symbols, **self._source_meta(old), "versions": _versions(),
+            "protein_lengths": {  # ENSP -> residues, for inspect and report (truncated?)
+                **old.get("protein_lengths", {}),
+                **{i.protein_id: len(i.sequence) for g in chosen.values() for i in g.isoforms}},
             "matrices": {key: {"pooler": pooler, "layer": layer}  # every matrix, emb first
                          for key, (pooler, layer) in self.matrices.items()},
             **self._residues_meta(),
