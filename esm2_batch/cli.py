@@ -8,12 +8,6 @@ resume state, 130 interrupted, 143 terminated. The flags themselves are in cli_f
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-import signal
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -52,15 +46,10 @@ from esm2_batch.cli_flags import (
     parse_poolers,
     parse_size,
 )
+from esm2_batch.cli_guard import guarded, guarded_command, say, setup_logging
 from esm2_batch.cli_look import inspect_command, report_command
 from esm2_batch.errors import (
-    EmbeddingError,
-    EnsemblError,
-    EnsemblUnavailableError,
-    Esm2BatchError,
     InputError,
-    ModelError,
-    StoreError,
 )
 
 
@@ -76,8 +65,6 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions
                   context_settings={"help_option_names": ["-h", "--help"]}, cls=_Group,
                   help="Gene list -> Ensembl isoforms -> ESM2 vectors -> esm_all.pt.")
 
-EXIT_CODES: tuple[tuple[type[Esm2BatchError], int], ...] = (
-    (InputError, 2), (EnsemblError, 3), (ModelError, 4), (EmbeddingError, 5), (StoreError, 6))
 def _print_version(value: bool) -> None:
     if value:
         from esm2_batch.version import package_version
@@ -161,7 +148,7 @@ def main(
     the species) into --out."""
     if ctx.invoked_subcommand is not None:
         return
-    _logging(verbose, quiet)
+    setup_logging(verbose, quiet)
 
     def work() -> None:
         from esm2_batch.embedding.options import EmbedOptions
@@ -191,13 +178,13 @@ def main(
                                  gene_pooling=parse_gene_pooling(gene_pooling), strict=strict))
         summary = run(config)
         for line in summary.lines():
-            _say(line, quiet)
+            say(line, quiet)
         if summary.not_found:
             more = " ..." if len(summary.not_found) > 10 else ""
-            _say(f"not found: {', '.join(summary.not_found[:10])}{more} (full list in "
+            say(f"not found: {', '.join(summary.not_found[:10])}{more} (full list in "
                  f"{summary.not_found_path})", quiet)
 
-    _guarded(work)
+    guarded(work)
 
 
 @app.command("fasta")
@@ -234,7 +221,7 @@ def fasta(
     quiet: Quiet = False,
 ) -> None:
     """Embed FASTA files into <stem>_ESM.pt = {'proteins': [...], 'data': [...]}."""
-    _logging(verbose, quiet)
+    setup_logging(verbose, quiet)
 
     def work() -> None:
         from esm2_batch.embedding.options import EmbedOptions
@@ -263,12 +250,12 @@ def fasta(
             state = "skipped (exists)" if r.skipped else f"{r.proteins} proteins"
             state += f" ({r.cached} rows from the row cache)" if r.cached else ""
             failed = f", {r.failed} failed (see extraction_failures.log)" if r.failed else ""
-            _say(f"{r.source} -> {r.out}: {state}{failed}", quiet)
+            say(f"{r.source} -> {r.out}: {state}{failed}", quiet)
             if per_file is not None:
-                _say(f"  {per_file}: {r.per_file_written} <label>.pt written, "
+                say(f"  {per_file}: {r.per_file_written} <label>.pt written, "
                      f"{r.per_file_skipped} existed", quiet)
 
-    _guarded(work)
+    guarded(work)
 
 
 @app.command("export")
@@ -307,7 +294,7 @@ def export(
                                  "and such genes have none")
             for line in export_h5(esm_file, out, dtype=h5_dtype, layer=layer,
                                   key=key).lines():
-                _say(line, quiet)
+                say(line, quiet)
             return
         if esm_file.is_dir():
             raise InputError(f"{esm_file}: a directory (a residue store?) exports only as "
@@ -315,9 +302,9 @@ def export(
         result = export_genes(esm_file, fmt=fmt, gene_pooling=parse_gene_pooling(gene_pooling),
                               out=out, include_missing=include_missing, key=key)
         for line in result.lines():
-            _say(line, quiet)
+            say(line, quiet)
 
-    _guarded(work)
+    guarded(work)
 
 
 @app.command("download")
@@ -356,7 +343,7 @@ def download(
             typer.echo(f"ready: {files.pep.parent} (use --ensembl_files {files.pep.parent} "
                        f"--ensembl_release {ensembl_release})")
 
-    _guarded(work)
+    guarded(work)
 
 
 cache_app = typer.Typer(add_completion=False, rich_markup_mode=None,
@@ -375,7 +362,7 @@ def cache_info(cache_dir: CacheDir = None) -> None:
             for line in cache.info().describe():
                 typer.echo(line)
 
-    _guarded(work)
+    guarded(work)
 
 
 @cache_app.command("prune")
@@ -407,104 +394,12 @@ def cache_prune(
         typer.echo(f"deleted {deleted:,} rows; {info.rows:,} left, "
                    f"{info.file_bytes / 1e6:,.1f} MB on disk ({info.path})")
 
-    _guarded(work)
+    guarded(work)
 
 
-def _guarded_command(command: Callable[..., None]) -> Callable[..., None]:
-    """A command function of another module, run under `_guarded` (typer reads the
-    wrapped function's signature through functools.wraps)."""
-
-    @functools.wraps(command)
-    def guarded(*args: Any, **kwargs: Any) -> None:
-        _guarded(lambda: command(*args, **kwargs))
-
-    return guarded
-
-
-app.command("inspect")(_guarded_command(inspect_command))
-app.command("report")(_guarded_command(report_command))
+app.command("inspect")(guarded_command(inspect_command))
+app.command("report")(guarded_command(report_command))
 
 
 def _model_name(model_path: Path | None, model_size: str) -> str:
     return str(model_path) if model_path else model_size
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C, so the same cleanup runs."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated
-
-
-def _guarded(work: Callable[[], None]) -> None:
-    """Run `work`; turn our errors into one line on stderr and an exit code.
-
-    SIGINT and SIGTERM unwind the run like an exception: the embedding stage is stopped
-    and waited for, and its writer thread writes every row embedded so far (run/stages.py)
-    before the exit, so a rerun embeds only the rest; every fetched gene is already in the
-    partial store. A second signal during that wait ends the run at once (written files
-    are whole; rows not yet written are embedded again by the rerun).
-    The process then ends with os._exit: once torch has run in a worker thread, an
-    interrupted run's interpreter teardown can abort in torch's C++ runtime
-    ("terminate called without an active exception", exit 134) after the work was
-    already saved; nothing is left to flush at that point but the streams, done first.
-    """
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        work()
-    except Esm2BatchError as exc:
-        typer.echo(f"esm2-batch: error: {exc}{_hint(exc)}", err=True)
-        raise typer.Exit(_exit_code(exc)) from None
-    except KeyboardInterrupt as exc:
-        code, what = (143, "terminated") if isinstance(exc, Terminated) else (130, "interrupted")
-        typer.echo(f"esm2-batch: {what}; rerun the same command to resume", err=True)
-        _exit_now(code)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _exit_now(code: int) -> None:
-    """End the process after an interrupt, streams flushed (see _guarded)."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _exit_code(exc: Esm2BatchError) -> int:
-    return next((code for kind, code in EXIT_CODES if isinstance(exc, kind)), 1)
-
-
-def _hint(exc: Esm2BatchError) -> str:
-    if isinstance(exc, EnsemblUnavailableError) and "cannot reach" in str(exc):
-        return (". Offline? Pass --isoforms FILE (a FASTA written by --save_isoforms) to "
-                "skip Ensembl, or --ensembl_url URL for a reachable mirror")
-    return ""
-
-
-def _logging(verbose: int, quiet: bool) -> None:
-    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[
-        min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    from esm2_batch.sources.gene_lists import INPUTS_LOGGER
-
-    inputs = logging.getLogger(INPUTS_LOGGER)  # what was read from the input: even with -q
-    inputs.setLevel(logging.INFO)
-    inputs.propagate = False
-    if not any(isinstance(h, _EchoHandler) for h in inputs.handlers):
-        inputs.addHandler(_EchoHandler())
-
-
-class _EchoHandler(logging.Handler):
-    """A log line as a plain stderr line (typer.echo finds the stream at each call, so
-    a test runner's captured stderr gets it too)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        typer.echo(self.format(record), err=True)
-
-
-def _say(line: str, quiet: bool) -> None:
-    if not quiet:
-        typer.echo(line)

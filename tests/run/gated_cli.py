@@ -12,7 +12,7 @@ Runs the real CLI (esm2_batch.cli:app) in this process, with seams and nothing e
   goes on as before. So a test interrupts at a known point, after the embedder has
   produced rows and before they could reach a 256-row flush: an event, not a sleep.
 
-The CLI's own signal handling (cli._guarded) is unchanged: the wrappers only note that a
+The CLI's own signal handling (cli_guard.guarded) is unchanged: the wrappers only note that a
 signal came, then do what the CLI's handlers do.
 """
 
@@ -57,20 +57,20 @@ def _watch_embedder(handle: IO[str], hold: int) -> None:
 
 
 def _note_signals() -> None:
-    from esm2_batch import cli
+    from esm2_batch import cli_guard
 
     def interrupted(signum: int, frame: object) -> None:
         SIGNALLED.set()
         raise KeyboardInterrupt
 
-    terminated = cli._raise_terminated
+    terminated = cli_guard.raise_terminated
 
     def on_term(signum: int, frame: object) -> None:
         SIGNALLED.set()
         terminated(signum, frame)
 
     signal.signal(signal.SIGINT, interrupted)
-    cli._raise_terminated = on_term  # type: ignore[assignment]  # _guarded installs it
+    cli_guard.raise_terminated = on_term  # type: ignore[assignment]  # guarded() installs it
 
 
 def main(argv: list[str]) -> None:
