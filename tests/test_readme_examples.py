@@ -7,9 +7,8 @@ the published weights. The only changes made to a block are those the tiny model
 script need: "650M" becomes the tiny checkpoint, layer 20 its last layer, and a block of
 top-level `async with` (valid in a notebook) runs inside asyncio.run.
 
-README's embed_sequences example held "MSEQ...", which raises on '.': the corrected
-example is in NOTES-README.md; while README's block still holds "MSEQ..." it is reported
-as an expected failure, and it runs like the others the day README takes the fix.
+README's embed_sequences example once held "MSEQ...", which raises on '.': it now embeds
+a real sequence, and the last test keeps the reason.
 """
 
 from __future__ import annotations
@@ -64,8 +63,6 @@ def runnable(code: str, checkpoint: Path) -> str:
 def test_readme_python_example_runs(number: int, workdir: tuple[Path, Path],
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     code = BLOCKS[number]
-    if "MSEQ..." in code:
-        pytest.xfail("README's embed_sequences example uses 'MSEQ...' (see NOTES-README.md)")
     work, checkpoint = workdir
     monkeypatch.chdir(work)
     with FakeEnsembl([braf(), *synthetic_genes(3)]).running_in_thread() as url:
@@ -82,5 +79,5 @@ def test_the_old_embed_sequences_example_raises_on_the_dots(workdir: tuple[Path,
     with pytest.raises(InputError, match=r"invalid character '\.'"):
         embed_sequences(model, ["MKTAYIAKQR", ("my_protein", "MSEQ...")])
     ubiquitin = "MQIFVKTLTGKTITLEVEPSDTIENVKAKIQDKEGIPPDQQRLIFAGKQLEDGRTLSDYNIQKESTLHLVLRLRGG"
-    rows = embed_sequences(model, ["MKTAYIAKQR", ("ubiquitin", ubiquitin)])  # NOTES-README's
+    rows = embed_sequences(model, ["MKTAYIAKQR", ("ubiquitin", ubiquitin)])  # README's
     assert tuple(rows.shape) == (2, 64)

@@ -147,8 +147,9 @@ def _unresolved_lists(esm: EsmFile, path: Path, genes: Mapping[str, Any]) -> str
         return "<p>Every gene resolved with all its proteins.</p>"
     return ("<h3>Genes that need a look</h3><input type='search' class='filter' "
             "placeholder='filter genes' aria-label='filter genes'>"
-            + _table(rows, ("gene", "status", "likely reason")).replace(
-                "<table>", "<table class='filterable'>", 1))
+            + "<div class='scroll'>" + _table(rows, ("gene", "status", "likely reason")
+                                               ).replace("<table>", "<table class='filterable'>",
+                                                         1) + "</div>")
 
 
 def _hvg_coverage(esm: EsmFile, hvg_file: Path) -> str:
@@ -157,7 +158,8 @@ def _hvg_coverage(esm: EsmFile, hvg_file: Path) -> str:
     missing = [g for g, rows in zip(wanted, found, strict=True) if not rows]
     return (f"<h3>Your gene list ({escape(hvg_file.name)})</h3><p>{len(wanted) - len(missing):,}"
             f" of {len(wanted):,} genes have a vector in this file.</p>"
-            + (f"<p class='small'>Without: {escape(', '.join(missing))}</p>" if missing else ""))
+            + (f"<details><summary>the {len(missing):,} without</summary><p class='small'>"
+               f"{escape(', '.join(missing))}</p></details>" if missing else ""))
 
 
 def _lengths_section(data: ReportData) -> str:
@@ -212,7 +214,8 @@ def _figure(svg: str) -> str:
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:980px;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:2px 8px;
 text-align:left;font-size:13px}section{margin:2em 0}.small{font-size:12px;color:#555}
-figure.plot{margin:0}figure.plot svg{max-width:100%;height:auto}"""
+figure.plot{margin:0}figure.plot svg{max-width:100%;height:auto}
+.scroll{max-height:22em;overflow:auto;display:inline-block}"""
 
 _SCRIPT = """document.querySelectorAll('input.filter').forEach(function(box){
 box.addEventListener('input',function(){var q=box.value.toLowerCase();
