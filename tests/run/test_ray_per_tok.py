@@ -18,7 +18,7 @@ import torch
 from esm2_batch.embedding.options import EmbedOptions
 from esm2_batch.errors import InputError
 from esm2_batch.models import LoadedModel
-from esm2_batch.run import ray_stage
+from esm2_batch.run import ray_cluster, ray_stage
 from esm2_batch.run.config import RunConfig
 from esm2_batch.run.fasta_mode import run_fasta
 from esm2_batch.run.gene_mode import residues_path, run
@@ -136,7 +136,7 @@ def test_per_tok_on_ray_without_a_shared_filesystem_is_one_line(
         else:
             path.write_text("not " + token)
 
-    monkeypatch.setattr(ray_stage, "_write_probe", write_probe)
+    monkeypatch.setattr(ray_cluster, "_write_probe", write_probe)
     fasta = tmp_path / "p.fa"
     fasta.write_text(">x\nMKTAYIAKQR\n")
     with pytest.raises(InputError) as caught:
