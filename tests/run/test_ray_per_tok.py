@@ -3,7 +3,8 @@ the driver adopts them; equal to one process, resumable, and refused in one line
 the workers cannot see the directory.
 
 Marked `ray`, one local cluster for the module (starting one costs seconds); rows go to
-the actors 4 at a time, so a handful of proteins makes several tasks and shards."""
+the actors 4 at a time in windows of 8, so a handful of proteins makes several tasks,
+windows and shards."""
 
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ QUERIES = [g.symbol for g in GENES]
 
 @pytest.fixture(autouse=True)
 def small_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """4 rows per Ray task: several tasks, so several shards from several actors."""
-    monkeypatch.setattr(ray_stage, "RayOptions",
-                        functools.partial(ray_stage.RayOptions, rows_per_task=4))
+    """4 rows per Ray task, windows of 8: several tasks and windows, so several shards
+    from several actors, adopted while the driver is still fetching."""
+    monkeypatch.setattr(ray_stage, "RayOptions", functools.partial(
+        ray_stage.RayOptions, rows_per_task=4, window_rows=8))
 
 
 @pytest.fixture
