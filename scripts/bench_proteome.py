@@ -7,14 +7,20 @@ proteins of 50-200 residues, and runs the real command in a child process:
 
     python -m esm2_batch --all_genes --ensembl_files DIR --model_path CKPT --device cpu
 
-with a random-weight ESM2 checkpoint of `--arch` in fair-esm's layout. Each child's
-peak RSS comes from os.wait4 (the kernel's ru_maxrss of that process alone), so every
-size is measured in a fresh interpreter and the figures compare within one run of this
+with a random-weight ESM2 checkpoint of `--arch` in fair-esm's layout. `--ray local`
+(and `--ray_actors N`) runs the embedding stage on a one-machine Ray cluster instead.
+
+Peak RSS is the driver's own: the child runs the CLI under a small launcher that writes
+getrusage(RUSAGE_SELF).ru_maxrss at exit (the kernel's high-water mark of that process
+alone). Not os.wait4's figure: that one also takes the peak of every descendant the child
+reaped, and with Ray those are the raylet and its workers, which would hide the driver.
+Every size runs in a fresh interpreter, so the figures compare within one run of this
 script. `--per_tok` also runs each size with `--include mean per_tok` (residue states
 written to the residue store, never accumulated in memory). The summary line gives the
 ratio peak RSS largest / smallest size; JSON is the last line.
 
     python scripts/bench_proteome.py [--sizes 2000 20000] [--arch 8M] [--per_tok]
+                                     [--ray local] [--ray_actors 1]
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--arch", default="8M", help="ESM2 architecture, random weights")
     p.add_argument("--per_tok", action="store_true",
                    help="also run every size with --include mean per_tok")
+    p.add_argument("--ray", default=None,
+                   help="embed on Ray (local: a one-machine cluster), as esm2-batch --ray")
+    p.add_argument("--ray_actors", type=int, default=None, help="Ray actors (with --ray)")
     p.add_argument("--toks_per_batch", type=int, default=4096)
     p.add_argument("--min_len", type=int, default=50)
     p.add_argument("--max_len", type=int, default=200)
@@ -92,18 +101,33 @@ def write_files(directory: Path, n_proteins: int, *, min_len: int, max_len: int,
     return gene
 
 
-def run_child(args: list[str], env: dict[str, str]) -> tuple[int, float, int]:
-    """Run the command; (exit code, wall seconds, peak RSS in bytes of that process)."""
+LAUNCHER = """
+import atexit, resource, runpy, sys
+peak_file = sys.argv.pop(1)
+def write_peak():
+    with open(peak_file, "w") as out:
+        out.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+atexit.register(write_peak)
+runpy.run_module("esm2_batch", run_name="__main__", alter_sys=True)
+"""
+"""Runs `python -m esm2_batch ARGS` and, at exit, writes this process's own peak RSS
+(kilobytes on Linux) to the file named by its first argument."""
+
+
+def run_child(args: list[str], env: dict[str, str], peak_file: Path
+              ) -> tuple[int, float, int]:
+    """Run esm2-batch with `args`; (exit code, wall seconds, peak RSS in bytes of the
+    driver process itself, not of the processes it started)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    err = proc.stderr.read()  # drained while it runs: a full pipe would block the child
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    command = [sys.executable, "-c", LAUNCHER, str(peak_file), *args]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    _, err = proc.communicate()  # drained while it runs: a full pipe would block it
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.stderr.write(err.decode("utf-8", "replace"))
-    return proc.returncode, wall, usage.ru_maxrss * 1024  # Linux: kilobytes
+        return proc.returncode, wall, 0
+    return proc.returncode, wall, int(peak_file.read_text()) * 1024  # Linux: kilobytes
 
 
 def main() -> None:
@@ -123,27 +147,33 @@ def main() -> None:
             for per_tok in variants:
                 out = work / f"run_{n}{'_per_tok' if per_tok else ''}" / "esm_all.pt"
                 out.parent.mkdir(parents=True, exist_ok=True)
-                command = [sys.executable, "-m", "esm2_batch", "--all_genes",
+                command = ["--all_genes",
                            "--ensembl_files", str(files), "--model_path", str(checkpoint),
                            "--device", "cpu", "--out", str(out), "--toks_per_batch",
                            str(args.toks_per_batch), "-q"]
                 if per_tok:
                     command += ["--include", "mean", "per_tok"]
+                if args.ray:
+                    command += ["--ray", args.ray]
+                if args.ray_actors:
+                    command += ["--ray_actors", str(args.ray_actors)]
                 # an empty row cache of its own: every run embeds (and caches) all rows
                 cache = {"ESM2_BATCH_CACHE_DIR": str(out.parent / "row_cache")}
-                code, wall, rss = run_child(command, {**env, **cache})
+                code, wall, rss = run_child(command, {**env, **cache},
+                                             out.parent / "peak_rss_kb")
                 if code != 0:
                     raise SystemExit(f"esm2-batch exited {code} for {n} proteins")
                 rows = int(torch.load(out, weights_only=True)["emb"].shape[0])
                 result = {"proteins": n, "genes": genes, "rows": rows, "per_tok": per_tok,
                           "wall_s": round(wall, 2), "peak_rss_mb": round(rss / 2**20, 1),
                           "proteins_per_s": round(n / wall, 1),
-                          "esm_all_mb": round(out.stat().st_size / 2**20, 2)}
+                          "esm_all_mb": round(out.stat().st_size / 2**20, 2),
+                          "load_avg": [round(x, 2) for x in os.getloadavg()]}
                 results.append(result)
                 print(f"{n:>7} proteins ({genes} genes){' per_tok' if per_tok else ''}: "
                       f"peak RSS {result['peak_rss_mb']} MB, wall {result['wall_s']} s, "
                       f"{result['proteins_per_s']} proteins/s, esm_all.pt "
-                      f"{result['esm_all_mb']} MB", flush=True)
+                      f"{result['esm_all_mb']} MB, load {result['load_avg']}", flush=True)
                 shutil.rmtree(out.parent, ignore_errors=True)  # disk: keep only the figures
     finally:
         if args.work is None:
@@ -159,7 +189,8 @@ def main() -> None:
         print(f"peak RSS {large['proteins']} / {small['proteins']} proteins"
               f"{' (per_tok)' if per_tok else ''}: {ratios[name]}x for "
               f"{large['proteins'] / small['proteins']:.0f}x the proteins")
-    print(json.dumps({"bench": "proteome", "arch": args.arch, "results": results,
+    print(json.dumps({"bench": "proteome", "arch": args.arch, "ray": args.ray,
+                      "ray_actors": args.ray_actors, "results": results,
                       "ratios": ratios, "torch": str(torch.__version__),
                       "cpus": os.cpu_count(), "cpu": cpu_model(),
                       "python": platform.python_version()}))

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from esm2_batch.errors import InputError
-from esm2_batch.run import ray_stage
-from esm2_batch.run.ray_stage import RayOptions, connect
+from esm2_batch.run import ray_cluster
+from esm2_batch.run.ray_cluster import RayOptions, connect
 
 
 class FakeRay:
@@ -32,7 +32,7 @@ class FakeRay:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeRay:
     stand_in = FakeRay()
-    monkeypatch.setattr(ray_stage, "import_ray", lambda: stand_in)
+    monkeypatch.setattr(ray_cluster, "import_ray", lambda: stand_in)
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     return stand_in
 
@@ -62,7 +62,7 @@ def test_a_users_own_auth_mode_wins_for_a_local_cluster(fake: FakeRay,
 
 def test_an_unreachable_cluster_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     stand_in = FakeRay(fail=ConnectionError("Could not find any running Ray instance.\nmore"))
-    monkeypatch.setattr(ray_stage, "import_ray", lambda: stand_in)
+    monkeypatch.setattr(ray_cluster, "import_ray", lambda: stand_in)
     with pytest.raises(InputError, match=r"cannot reach the Ray cluster at '10\.0\.0\.5:1' "
                                          r"\(Could not find any running Ray instance\.\)"):
         connect(RayOptions(address="10.0.0.5:1"))

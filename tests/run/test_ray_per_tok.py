@@ -3,7 +3,8 @@ the driver adopts them; equal to one process, resumable, and refused in one line
 the workers cannot see the directory.
 
 Marked `ray`, one local cluster for the module (starting one costs seconds); rows go to
-the actors 4 at a time, so a handful of proteins makes several tasks and shards."""
+the actors 4 at a time in windows of 8, so a handful of proteins makes several tasks,
+windows and shards."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from esm2_batch.embedding.options import EmbedOptions
 from esm2_batch.errors import InputError
 from esm2_batch.models import LoadedModel
-from esm2_batch.run import ray_stage
+from esm2_batch.run import ray_cluster, ray_stage
 from esm2_batch.run.config import RunConfig
 from esm2_batch.run.fasta_mode import run_fasta
 from esm2_batch.run.gene_mode import residues_path, run
@@ -38,9 +39,10 @@ QUERIES = [g.symbol for g in GENES]
 
 @pytest.fixture(autouse=True)
 def small_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """4 rows per Ray task: several tasks, so several shards from several actors."""
-    monkeypatch.setattr(ray_stage, "RayOptions",
-                        functools.partial(ray_stage.RayOptions, rows_per_task=4))
+    """4 rows per Ray task, windows of 8: several tasks and windows, so several shards
+    from several actors, adopted while the driver is still fetching."""
+    monkeypatch.setattr(ray_stage, "RayOptions", functools.partial(
+        ray_stage.RayOptions, rows_per_task=4, window_rows=8))
 
 
 @pytest.fixture
@@ -136,7 +138,7 @@ def test_per_tok_on_ray_without_a_shared_filesystem_is_one_line(
         else:
             path.write_text("not " + token)
 
-    monkeypatch.setattr(ray_stage, "_write_probe", write_probe)
+    monkeypatch.setattr(ray_cluster, "_write_probe", write_probe)
     fasta = tmp_path / "p.fa"
     fasta.write_text(">x\nMKTAYIAKQR\n")
     with pytest.raises(InputError) as caught:

@@ -4,6 +4,7 @@ Few and marked `ray`: one session-scoped cluster costs seconds to start."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from esm2_batch.errors import ModelError
 from esm2_batch.models import LoadedModel
+from esm2_batch.run import ray_stage
 from esm2_batch.run.config import RunConfig
 from esm2_batch.run.gene_mode import run
 from esm2_batch.store.esm_file import read_esm_file
@@ -23,8 +25,17 @@ from tests.tolerance import stored_tolerance, tolerance
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
-GENES = [braf(), *synthetic_genes(45, coding=3, nmd=0)]  # 140 rows: 3 Ray tasks
+GENES = [braf(), *synthetic_genes(45, coding=3, nmd=0)]  # 140 rows
 QUERIES = ["BRAF", "NOPE", *[g.symbol for g in GENES[1:]]]
+
+
+@pytest.fixture(autouse=True)
+def small_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tasks of 8 rows in windows of 32: the 140 rows go out in several windows while
+    the driver is still fetching, and the fetcher waits for room (wait_for_room, from
+    gene mode's worker thread)."""
+    monkeypatch.setattr(ray_stage, "RayOptions", functools.partial(
+        ray_stage.RayOptions, rows_per_task=8, window_rows=32))
 
 
 @pytest.fixture
