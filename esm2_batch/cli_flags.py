@@ -98,6 +98,10 @@ CacheDir = Annotated[Path | None, option(
     "--cache_dir", help="The row cache shared across runs (default $ESM2_BATCH_CACHE_DIR, "
     "else ~/.cache/esm2_batch/rows); keep it on a local disk.")]
 NoCache = Annotated[bool, option("--no_cache", help="Neither read nor fill the row cache.")]
+IsoformsSetOpt = Annotated[str, option(
+    "--isoforms_set", help="all (every isoform of --biotypes) or canonical (only each gene's "
+    "canonical isoform: one row per gene, fetched and embedded alone; a later 'all' run "
+    "reuses those rows).")]
 
 
 Choice = TypeVar("Choice", bound=str)
@@ -122,6 +126,10 @@ def parse_dtype(value: str) -> str:
 
 def parse_gene_pooling(value: str) -> Literal["canonical", "mean"]:
     return _choice(value, ("canonical", "mean"), "--gene_pooling")
+
+
+def parse_isoforms_set(value: str) -> Literal["all", "canonical"]:
+    return _choice(value, ("all", "canonical"), "--isoforms_set")
 
 
 def parse_long_seqs(value: str) -> Literal["truncate", "window"]:

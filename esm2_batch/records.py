@@ -20,6 +20,10 @@ STATUSES: tuple[GeneStatus, ...] = ("ok", "incomplete", "no_protein", "not_found
 # How a query found its gene: its Ensembl ID, its (current) symbol, or a previous name or
 # alias of the gene (HGNC/MGI synonyms); None when it found none.
 MatchedBy = Literal["id", "symbol", "synonym"]
+# Which of a gene's isoforms a record holds: every one of the wanted biotypes, or only the
+# canonical one (--isoforms_set canonical; sources/isoform_sets.py narrows a record).
+IsoformsSet = Literal["all", "canonical"]
+ISOFORMS_SETS: tuple[IsoformsSet, ...] = ("all", "canonical")
 
 # ENSG00000157764, ENSMUSG00000000001, optionally with a .version suffix.
 _GENE_ID = re.compile(r"^ENS[A-Z]{0,6}G\d{11}(?:\.\d+)?$", re.IGNORECASE)
@@ -67,6 +71,8 @@ class GeneIsoforms:
     `candidates` ((gene_id, symbol) pairs, never guessed); one whose gene is already
     asked for under another query of the list is not_found with `duplicate_of` naming
     that query (kept once, like any duplicate).
+    `isoforms_set` is "canonical" when the record holds only the gene's canonical isoform
+    (a subset of "all": a later run that wants every isoform fetches the gene again).
     `missing_protein_ids` lists translations Ensembl announced but returned no sequence
     for even after a second request, so a gap is recorded rather than silent; such a gene
     is "incomplete". `canonical_protein_id` is the translation Ensembl calls canonical
@@ -83,6 +89,7 @@ class GeneIsoforms:
     matched_by: MatchedBy | None = None
     candidates: tuple[tuple[str, str], ...] = field(default=())
     duplicate_of: str | None = None
+    isoforms_set: IsoformsSet = "all"
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -138,6 +145,7 @@ class GeneIsoforms:
             matched_by=data.get("matched_by", _matched_before_synonyms(data)),
             candidates=tuple((str(g), str(s)) for g, s in data.get("candidates") or ()),
             duplicate_of=data.get("duplicate_of"),
+            isoforms_set="canonical" if data.get("isoforms_set") == "canonical" else "all",
         )
 
 

@@ -45,6 +45,7 @@ from esm2_batch.run.gene_inputs import Genes, check_budget, check_outputs, reusa
 from esm2_batch.run.reports import RunSummary, synonym_note, write_side_files
 from esm2_batch.run.stage_factory import make_stage
 from esm2_batch.run.stages import EmbedStage
+from esm2_batch.run.subsets import records_for, reusable_for
 from esm2_batch.sources.base import IsoformSource
 from esm2_batch.sources.factory import open_source
 from esm2_batch.sources.gene_lists import merge_spellings
@@ -136,7 +137,9 @@ class GeneRun:
         self.settings = run_settings(config, self.model)
         self.matrices = matrix_keys(config, self.model)
         self.keys = RowKeys(settings_scope(self.settings))
-        self.reused = reusable_file(config, self.settings)
+        # --isoforms_set is not a setting: canonical rows are a subset of all's (subsets.py)
+        subset = config.source.isoforms_set
+        self.reused = reusable_for(reusable_file(config, self.settings), subset)
         self.store = PartialStore(partial_dir(config.out), self.settings,
                                   overwrite=config.output.overwrite)
         try:
@@ -144,7 +147,7 @@ class GeneRun:
         except BaseException:
             self.store.close()
             raise
-        self.records = self.store.cached_genes()
+        self.records = records_for(self.store.cached_genes(), subset)
         self.resumable = self._resumable()  # before the stage: what it will not embed again
         self.summary = RunSummary(out=config.out, genes_in=len(self.genes.genes.genes),
                                   duplicates=list(self.genes.genes.duplicates),
@@ -381,6 +384,7 @@ class GeneRun:
         status = per_gene("status", lambda g: g.status, "ok")
         return {
             **self.settings, "settings": self.settings, "dtype": "float16",
+            "isoforms_set": self.config.source.isoforms_set,
             "compute_dtype": str(model.dtype).removeprefix("torch."), "engine": self._engines(),
             "aliases": aliases,
             "status": status,

@@ -23,7 +23,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from esm2_batch.errors import InputError
-from esm2_batch.records import GeneIsoforms
+from esm2_batch.records import ISOFORMS_SETS, GeneIsoforms, IsoformsSet
 
 __all__ = ["IsoformSource", "Provenance", "SourceOptions", "check_url"]
 
@@ -41,6 +41,8 @@ class SourceOptions:
     (REST: xrefs/symbol; offline: the table synonyms_file, HGNC's complete set).
     Otherwise Ensembl REST at ensembl_url ($ENSEMBL_REST_URL, else rest.ensembl.org),
     at most rate_limit requests per second and parallel_workers in flight.
+    isoforms_set: "all" isoforms of the wanted biotypes, or only each gene's "canonical"
+    one (sources/isoform_sets.py; REST then asks for that translation only).
     """
 
     species: str = "homo_sapiens"
@@ -53,6 +55,7 @@ class SourceOptions:
     ensembl_release: int | None = None
     synonyms: bool = True
     synonyms_file: Path | None = None
+    isoforms_set: IsoformsSet = "all"
 
     @property
     def offline(self) -> bool:
@@ -82,6 +85,9 @@ class SourceOptions:
         if self.synonyms_file is not None and not self.synonyms_file.is_file():
             raise InputError(f"--synonyms {self.synonyms_file}: no such file; give HGNC's "
                              "hgnc_complete_set.txt (esm2-batch download fetches it)")
+        if self.isoforms_set not in ISOFORMS_SETS:
+            raise InputError(f"--isoforms_set {self.isoforms_set!r}: use one of "
+                             f"{', '.join(ISOFORMS_SETS)} (canonical: one isoform per gene)")
         if not self.biotypes:
             raise InputError("--biotypes: give at least one biotype, e.g. protein_coding")
 

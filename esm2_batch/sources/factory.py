@@ -10,14 +10,20 @@ neither).
 from __future__ import annotations
 
 from esm2_batch.sources.base import IsoformSource, SourceOptions
+from esm2_batch.sources.isoform_sets import narrowed
 
 __all__ = ["open_source"]
 
 
 def open_source(options: SourceOptions) -> IsoformSource:
     """The source `options` names, loaded and checked now (bad flag values, a missing FASTA
-    or FTP file are errors before any work); REST connects when streaming starts."""
+    or FTP file are errors before any work); REST connects when streaming starts. With
+    isoforms_set "canonical" its records hold each gene's canonical isoform only."""
     options.check()
+    return narrowed(_open(options), options.isoforms_set)
+
+
+def _open(options: SourceOptions) -> IsoformSource:
     if options.isoforms is not None:
         from esm2_batch.sources.isoforms_fasta import IsoformsFastaSource
 

@@ -24,6 +24,10 @@ and mouse (Cd3e) spellings, with a warning when that is what matched.
    rule that picks the gene, or reports it ambiguous or a duplicate, is
    sources/synonyms.py's. Spreadsheet dates (7-Sep) and clone names (RP11-...) are never
    looked up. 80 misses cost 80 + 1 + 2 requests.
+
+With isoforms_set="canonical", step 2 asks for each gene's canonical translation by its
+protein ID (parse.canonical_record), still one request per 50 genes, and the records are
+marked as holding that isoform only (sources/isoform_sets.py).
 """
 
 from __future__ import annotations
@@ -43,12 +47,19 @@ from esm2_batch.errors import (
     EnsemblResponseError,
     EnsemblUnavailableError,
 )
-from esm2_batch.records import GeneIsoforms, MatchedBy, is_ensembl_gene_id, query_key
+from esm2_batch.records import (
+    GeneIsoforms,
+    IsoformsSet,
+    MatchedBy,
+    is_ensembl_gene_id,
+    query_key,
+)
 from esm2_batch.sources.base import SourceOptions
 from esm2_batch.sources.ensembl_rest.parse import (
     GeneRecord,
     ambiguous,
     build_gene,
+    canonical_record,
     duplicate,
     index_sequences,
     no_protein,
@@ -58,6 +69,7 @@ from esm2_batch.sources.ensembl_rest.parse import (
 )
 from esm2_batch.sources.ensembl_rest.transport import JsonTransport, RetryPolicy
 from esm2_batch.sources.gene_lists import as_duplicates, dedupe
+from esm2_batch.sources.isoform_sets import canonical_only
 from esm2_batch.sources.synonyms import (
     Candidate,
     DuplicateGuard,
@@ -106,6 +118,7 @@ class EnsemblClient:
         sequence_chunk_size: int = MAX_SEQUENCE_IDS,
         session: aiohttp.ClientSession | None = None,
         synonyms: bool = True,
+        isoforms_set: IsoformsSet = "all",
     ) -> None:
         if not 1 <= lookup_chunk_size <= MAX_LOOKUP_IDS:
             raise ValueError(f"lookup_chunk_size must be 1..{MAX_LOOKUP_IDS}")
@@ -117,6 +130,7 @@ class EnsemblClient:
         self.lookup_chunk_size = lookup_chunk_size
         self.sequence_chunk_size = sequence_chunk_size
         self.synonyms = synonyms
+        self.canonical = isoforms_set == "canonical"
         retry = RetryPolicy(max_attempts=max_attempts, backoff_base=backoff_base)
         self.transport = JsonTransport(self.base_url, rate_limit=rate_limit,
                                        parallel_workers=parallel_workers, timeout=timeout,
@@ -230,8 +244,9 @@ class EnsemblClient:
                 emit(gene)  # ambiguous, or a duplicate of another query
             elif not gene.translations:
                 emit(no_protein(query, gene, matched_by=matched_by))
-            else:
-                pending.append((query, gene, matched_by))
+            else:  # canonical: only that translation's sequence is asked for
+                pending.append((query, canonical_record(gene) if self.canonical else gene,
+                                matched_by))
         async with asyncio.TaskGroup() as group:
             for chunk in _chunks(pending, self.sequence_chunk_size):
                 group.create_task(self._sequences(chunk, emit))
@@ -324,16 +339,21 @@ class EnsemblClient:
         """Fetch every wanted translation of a chunk of genes, joined on (query, id)."""
         queries = [q for q, _, _ in chunk]
         gene_ids = list(dict.fromkeys(g.gene_id for _, g, _ in chunk))
-        body = {"ids": gene_ids, "type": "protein", "multiple_sequences": 1}
+        body: dict[str, Any] = {"ids": gene_ids, "type": "protein", "multiple_sequences": 1}
+        if self.canonical:  # by protein ID: the other translations are never sent
+            body = {"ids": [t.protein_id for _, g, _ in chunk for t in g.translations],
+                    "type": "protein"}
         index = index_sequences(await self.transport.post("/sequence/id", body,
                                                           queries=queries))
         found = {pid: seq for (gid, pid), seq in index.items()}
         missing = [t.protein_id for _, g, _ in chunk for t in g.translations
-                   if (g.gene_id.upper(), t.protein_id) not in index]
+                   if ((t.protein_id if self.canonical else g.gene_id).upper(),
+                       t.protein_id) not in index]
         if missing:
             found.update(await self._sequences_by_protein(missing, queries))
         for query, gene, matched_by in chunk:
-            emit(build_gene(query, gene, found, matched_by=matched_by))
+            built = build_gene(query, gene, found, matched_by=matched_by)
+            emit(canonical_only(built) if self.canonical else built)
 
     async def _sequences_by_protein(self, protein_ids: list[str],
                                     queries: list[str]) -> dict[str, str]:
@@ -419,8 +439,8 @@ class EnsemblRestSource:
         async with EnsemblClient(species=options.species, base_url=options.ensembl_url,
                                  rate_limit=options.rate_limit,
                                  parallel_workers=options.parallel_workers,
-                                 biotypes=options.biotypes,
-                                 synonyms=options.synonyms) as client:
+                                 biotypes=options.biotypes, synonyms=options.synonyms,
+                                 isoforms_set=options.isoforms_set) as client:
             self.release = await client.release()
             async for gene in client.iter_isoforms(queries):
                 yield gene

@@ -7,7 +7,7 @@ sequence reply is joined) is testable on the real fixtures without a server.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from esm2_batch.errors import EnsemblResponseError
@@ -137,6 +137,17 @@ def build_gene(query: str, gene: GeneRecord, sequences: Mapping[str, str], *,
 def canonical_protein_id(gene: GeneRecord) -> str | None:
     """The protein of the transcript lookup marks is_canonical (among wanted biotypes)."""
     return next((t.protein_id for t in gene.translations if t.is_canonical), None)
+
+
+def canonical_record(gene: GeneRecord) -> GeneRecord:
+    """The gene with only the translation --isoforms_set canonical embeds: the canonical
+    one, else (a canonical transcript of an unwanted biotype) the longest, as
+    sources/isoform_sets.canonical_only picks from fetched isoforms."""
+    if not gene.translations:
+        return gene
+    chosen = min(gene.translations,
+                 key=lambda t: (not t.is_canonical, -t.length, t.protein_id))
+    return replace(gene, translations=(chosen,))
 
 
 def not_found(query: str) -> GeneIsoforms:
