@@ -10,14 +10,26 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    """One small local cluster per test module (starting one costs seconds): 2 CPUs,
-    80 MB of object store, token authentication off (it listens on this machine only)."""
+def ray_cluster(request: pytest.FixtureRequest) -> Iterator[None]:
+    """One small local cluster (starting one costs seconds): 2 CPUs, 80 MB of object
+    store, token authentication off (it listens on this machine only). Modules that use
+    it one after another share it; it is shut down after the last of them, so no other
+    test runs beside an idle cluster."""
     ray = pytest.importorskip("ray")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20,
-                 log_to_driver=False, configure_logging=False)
+    if not ray.is_initialized():
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20,
+                     log_to_driver=False, configure_logging=False)
     yield
-    ray.shutdown()
+    if not _next_module_wants_it(request):
+        ray.shutdown()
+
+
+def _next_module_wants_it(request: pytest.FixtureRequest) -> bool:
+    """Whether the test right after this module's last one uses the cluster too."""
+    items = request.session.items
+    ours = [i for i, item in enumerate(items) if item.module is request.module]
+    following = items[ours[-1] + 1:ours[-1] + 2] if ours else []
+    return any("ray_cluster" in item.fixturenames for item in following)

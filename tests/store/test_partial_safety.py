@@ -65,6 +65,7 @@ def holder(tmp_path: Path) -> Iterator[tuple[Any, Connection]]:
     child.join(30)
 
 
+@pytest.mark.slow  # a second Python process (spawned: imports torch)
 def test_a_second_run_fails_at_once_naming_the_first(tmp_path: Path,
                                                      holder: tuple[Any, Connection]) -> None:
     child, conn = holder
@@ -80,6 +81,7 @@ def test_a_second_run_fails_at_once_naming_the_first(tmp_path: Path,
         assert list(store.cached_genes()) == ["A"]
 
 
+@pytest.mark.slow  # a second Python process (spawned: imports torch)
 def test_kill_9_leaves_no_stale_lock(tmp_path: Path, holder: tuple[Any, Connection]) -> None:
     child, _ = holder
     os.kill(child.pid, signal.SIGKILL)
