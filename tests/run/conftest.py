@@ -30,6 +30,6 @@ def ray_cluster(request: pytest.FixtureRequest) -> Iterator[None]:
 def _next_module_wants_it(request: pytest.FixtureRequest) -> bool:
     """Whether the test right after this module's last one uses the cluster too."""
     items = request.session.items
-    ours = [i for i, item in enumerate(items) if item.module is request.module]
+    ours = [i for i, item in enumerate(items) if getattr(item, "module", None) is request.module]
     following = items[ours[-1] + 1:ours[-1] + 2] if ours else []
     return any("ray_cluster" in item.fixturenames for item in following)
