@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -25,6 +23,7 @@ from esm2_batch.store.atomic import (
     check_writable,
     file_mode,
 )
+from tests.unprivileged import Unprivileged
 
 # umask -> (file mode, directory mode) any file or directory the user creates gets
 MODES = {0o022: (0o644, 0o755), 0o077: (0o600, 0o700)}
@@ -323,50 +322,17 @@ def test_check_writable_refuses_a_missing_parent(tmp_path: Path) -> None:
     _one_line_naming(error, missing, "--out")
 
 
-@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
-def test_check_writable_refuses_an_unwritable_parent(tmp_path: Path) -> None:
-    # pytest's tmp_path is private to its owner: as root the check runs as nobody, who
-    # must reach the directory, so it goes in a fresh world-readable one then
-    base = Path(tempfile.mkdtemp()) if os.geteuid() == 0 else tmp_path
-    locked = base / "locked"
-    locked.mkdir(parents=True)
-    base.chmod(0o755)
-    locked.chmod(0o555)
+def test_check_writable_refuses_an_unwritable_parent(unprivileged: Unprivileged) -> None:
+    locked = unprivileged.root / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)  # read-only for everyone
     try:
-        message = _refusal_as_someone_who_may_not_write(locked / "esm_all.pt")
+        with pytest.raises(StoreError) as error:
+            unprivileged.run(lambda: check_writable(locked / "esm_all.pt", flag="--out",
+                                                    example="esm_all.pt"))
     finally:
         locked.chmod(0o700)
-        if base != tmp_path:
-            shutil.rmtree(base)
-    assert "\n" not in message and str(locked) in message and "--out" in message
-
-
-def _refusal_as_someone_who_may_not_write(path: Path) -> str:
-    """check_writable's refusal of `path` as this user or, as root (who writes anywhere),
-    as nobody in a forked child: a real refusal either way, never a skipped test."""
-    if os.geteuid() != 0:
-        with pytest.raises(StoreError) as error:
-            check_writable(path, flag="--out", example="esm_all.pt")
-        return str(error.value)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: drop to nobody, ask, hand the refusal back, exit at once
-        code = 1
-        try:
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            check_writable(path, flag="--out", example="esm_all.pt")
-        except StoreError as exc:
-            os.write(write, str(exc).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        message = pipe.read().decode()
-    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, "user nobody was not refused"
-    return message
+    _one_line_naming(error, locked, "--out")
 
 
 def test_check_writable_message_for_an_unwritable_parent(tmp_path: Path,
