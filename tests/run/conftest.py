@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Iterator
@@ -25,6 +26,19 @@ def ray_cluster(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if not _next_module_wants_it(request):
         ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def patient_actor_start(request: pytest.FixtureRequest,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray tests give actors 10 minutes to start instead of the stage's 120 s: a start
+    takes seconds, but on a loaded 2-core machine (both cores busy, the suite's own
+    processes) a fresh worker importing torch can take minutes. A hang still ends."""
+    if "ray_cluster" in request.fixturenames:
+        from esm2_batch.run import ray_stage
+
+        monkeypatch.setattr(ray_stage, "RayOptions",
+                            functools.partial(ray_stage.RayOptions, start_timeout_s=600.0))
 
 
 def _next_module_wants_it(request: pytest.FixtureRequest) -> bool:
