@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import torch
 
 from esm2_batch.models import LoadedModel, load_model
 from tests.fakes.tiny_esm import write_tiny_checkpoint
+from tests.unprivileged import Unprivileged
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -54,3 +57,21 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def model(checkpoint: Path) -> LoadedModel:
     """That checkpoint loaded through the real loading path, on the CPU."""
     return load_model(checkpoint, device="cpu")
+
+
+@pytest.fixture
+def unprivileged(tmp_path: Path) -> Iterator[Unprivileged]:
+    """A place where permissions bite for the user `run` asks as (tests/unprivileged.py):
+    pytest's tmp_path is private to root, so as root it is a fresh world-reachable
+    directory, removed afterwards."""
+    if os.name != "posix":
+        pytest.skip("POSIX permissions")
+    if os.geteuid() != 0:
+        yield Unprivileged(tmp_path, as_nobody=False)
+        return
+    root = Path(tempfile.mkdtemp())
+    root.chmod(0o755)
+    try:
+        yield Unprivileged(root, as_nobody=True)
+    finally:
+        shutil.rmtree(root)  # root removes whatever the test locked

@@ -141,6 +141,7 @@ def test_fasta_subcommand(tmp_path: Path, checkpoint: Path) -> None:
     assert code == 0 and "skipped (exists)" in stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", [["-m", "esm2_batch"], ["scripts/esm2_batch.py"]])
 def test_entry_points_share_the_flags(entry: list[str]) -> None:
     result = subprocess.run([sys.executable, *entry, "--help"], cwd=ROOT, capture_output=True,

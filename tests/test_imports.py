@@ -51,6 +51,7 @@ def imported(code: str, watched: tuple[str, ...] = HEAVY) -> tuple[int, list[str
     return result["status"], result["loaded"], done.stdout + done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [["--help"], ["export", "--help"], ["fasta", "--help"]],
                          ids=" ".join)
 def test_help_imports_nothing_heavy(argv: list[str]) -> None:
@@ -59,11 +60,13 @@ def test_help_imports_nothing_heavy(argv: list[str]) -> None:
     assert loaded == [], f"esm2-batch {' '.join(argv)} imported {loaded}"
 
 
+@pytest.mark.slow
 def test_import_package_imports_nothing_heavy() -> None:
     _, loaded, _ = imported("import esm2_batch\nassert esm2_batch.__version__")
     assert loaded == [], f"import esm2_batch imported {loaded}"
 
 
+@pytest.mark.slow
 def test_fetcher_api_needs_aiohttp_but_not_torch() -> None:
     code = ("import esm2_batch\n"
             "assert callable(esm2_batch.fetch_isoforms)\n"
@@ -72,6 +75,7 @@ def test_fetcher_api_needs_aiohttp_but_not_torch() -> None:
     assert loaded == ["aiohttp"], f"the fetcher API imported {loaded}"
 
 
+@pytest.mark.slow
 def test_export_to_npz_reads_torch_but_no_model_network_or_ray(tmp_path: Path) -> None:
     esm = tmp_path / "esm_all.pt"
     write_esm_file(esm, {

@@ -26,6 +26,7 @@ Usable from async tests (`await fake.start()`) and from sync code or subprocess 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import threading
@@ -41,6 +42,9 @@ from aiohttp import web
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "ensembl"
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
+# random bytes -> amino acids in one C call (a Python loop per residue made the synthetic
+# proteomes most of some tests' time); 256 is not a multiple of 20, a bias no test minds
+_TO_AMINO = bytes(ord(AMINO[i % len(AMINO)]) for i in range(256))
 
 
 @dataclass
@@ -119,7 +123,7 @@ def synthetic_genes(n: int, *, coding: int = 6, nmd: int = 1, noncoding_every: i
 def _synthetic_tx(gene: int, k: int, biotype: str, canonical: bool,
                   rng: random.Random) -> FakeTranscript:
     length = max(30, min(4000, int(rng.lognormvariate(6.0, 0.6))))
-    seq = "M" + "".join(rng.choice(AMINO) for _ in range(length - 1))
+    seq = "M" + rng.randbytes(length - 1).translate(_TO_AMINO).decode()
     return FakeTranscript(f"ENST{900000000 + gene * 100 + k:011d}", biotype, canonical,
                           f"ENSP{900000000 + gene * 100 + k:011d}", seq)
 
@@ -127,13 +131,16 @@ def _synthetic_tx(gene: int, k: int, biotype: str, canonical: bool,
 @dataclass
 class Fault:
     """Answer the next `times` requests to `endpoint` ("lookup", "sequence", "xrefs" or "any")
-    with `kind`: an HTTP status (int), "html" (a 200 HTML page), "stall" (sleep past the
-    client's timeout) or "reset" (close the connection)."""
+    with `kind`: an HTTP status (int), "html" (a 200 HTML page), "stall" (no reply until
+    the server stops, long past the client's timeout) or "reset" (close the connection).
+    With `hold`, a status reply sends its status line and headers at once and its body
+    only once `hold` is set (a slow network: the client reads the status long before)."""
 
     endpoint: str
     kind: int | str
     times: int = 1
     retry_after: float | None = None
+    hold: asyncio.Event | None = None
 
 
 @dataclass
@@ -178,6 +185,7 @@ class FakeEnsembl:
         return app
 
     async def start(self) -> str:
+        self._stopping = asyncio.Event()
         self._runner = web.AppRunner(self.app())
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -188,6 +196,7 @@ class FakeEnsembl:
 
     async def stop(self) -> None:
         if self._runner is not None:
+            self._stopping.set()  # stalled replies end now, not after stall_seconds
             await self._runner.cleanup()
 
     @contextmanager
@@ -323,7 +332,8 @@ class FakeEnsembl:
 
     async def _fault(self, request: web.Request, fault: Fault) -> web.StreamResponse:
         if fault.kind == "stall":
-            await asyncio.sleep(self.stall_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.stall_seconds)
             return web.json_response({})
         if fault.kind == "reset":
             assert request.transport is not None
@@ -336,8 +346,17 @@ class FakeEnsembl:
         headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after else {}
         if status == 400:
             return web.json_response({"error": "bad request from fault"}, status=400)
-        return web.Response(text=f"<html>{status} error</html>", status=status,
-                            content_type="text/html", headers=headers)
+        if fault.hold is None:
+            return web.Response(text=f"<html>{status} error</html>", status=status,
+                                content_type="text/html", headers=headers)
+        body = f"<html>{status} error</html>".encode()
+        reply = web.StreamResponse(status=status, headers=headers)
+        reply.content_type, reply.content_length = "text/html", len(body)
+        await reply.prepare(request)  # the status line and headers go out now
+        await fault.hold.wait()
+        await reply.write(body)
+        await reply.write_eof()
+        return reply
 
 
 def _retired(symbol: str) -> bool:

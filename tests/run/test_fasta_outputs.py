@@ -3,13 +3,14 @@ existing <stem>_ESM.pt reused only when it records the same settings and weights
 
 Root ignores directory permissions (these tests run as root in CI), so an unwritable
 directory is made the way tests/store/test_atomic.py does it: `os.access` says no for that
-one directory; a chmod test runs where permissions bite (not as root).
+one directory; the chmod test asks as user nobody under root (tests/unprivileged.py).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from esm2_batch.models import LoadedModel
 from esm2_batch.run.config import ModelOptions
 from esm2_batch.store.keys import settings_scope
 from tests.fakes.tiny_esm import write_tiny_checkpoint
+from tests.unprivileged import Unprivileged
 
 DIM = 32  # the conftest checkpoint's width
 
@@ -102,15 +104,15 @@ def test_unwritable_output_is_one_line_before_the_model_loads(
     assert not (tmp_path / "in_ESM.pt").exists() and not (tmp_path / "out" / "in_ESM.pt").exists()
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can write anywhere")
-def test_read_only_input_directory_for_real(tmp_path: Path, checkpoint: Path,
+def test_read_only_input_directory_for_real(unprivileged: Unprivileged, checkpoint: Path,
                                             loads: list[str]) -> None:
-    shared = tmp_path / "shared"
+    shared = unprivileged.root / "shared"
     shared.mkdir()
     (shared / "in.fa").write_text(">a\nMKV\n")
+    model = Path(shutil.copy(checkpoint, unprivileged.root))  # where the asker may read it
     shared.chmod(0o555)
     try:
-        code, _, err = fasta_cli(shared / "in.fa", model=checkpoint)
+        code, _, err = unprivileged.run(lambda: fasta_cli(shared / "in.fa", model=model))
     finally:
         shared.chmod(0o755)
     one_line_error(code, err, 6, str(shared), "not writable", "--out_dir")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from esm2_batch import fetch_isoforms
 from esm2_batch.errors import (
@@ -15,11 +18,17 @@ from esm2_batch.errors import (
     EnsemblResponseError,
     EnsemblUnavailableError,
 )
-from esm2_batch.sources.ensembl_rest import EnsemblClient, PauseGate, RetryPolicy
+from esm2_batch.sources.ensembl_rest import (
+    EnsemblClient,
+    JsonTransport,
+    PauseGate,
+    RetryPolicy,
+)
 from esm2_batch.sources.ensembl_rest.parse import index_sequences, parse_gene
 from tests.fakes.ensembl import (
     FIXTURES,
     FakeEnsembl,
+    FakeGene,
     Fault,
     Start,
     braf,
@@ -146,7 +155,7 @@ async def test_iter_isoforms_yields_each_query_once(serve: Start) -> None:
 
 
 async def test_2000_genes_in_at_most_100_requests_none_oversized(serve: Start) -> None:
-    genes = synthetic_genes(2000, coding=6, nmd=1, noncoding_every=50)
+    genes = synthetic_genes(2000, coding=2, nmd=1, noncoding_every=50)
     fake = await serve(genes, max_lookup=1000, max_sequence=50)
     queries = [g.symbol for g in genes]
     async with client(fake, parallel_workers=10) as c:
@@ -154,7 +163,7 @@ async def test_2000_genes_in_at_most_100_requests_none_oversized(serve: Start) -
         stats = c.stats
     assert [g.query for g in result] == queries
     assert sum(g.status == "ok" for g in result) == 1960
-    assert all(len(g.isoforms) == 6 for g in result if g.status == "ok")
+    assert all(len(g.isoforms) == 2 for g in result if g.status == "ok")  # NMD left out
     assert fake.counts["requests"] <= 100 and stats["requests"] == fake.counts["requests"]
     assert fake.counts["lookup"] == 20 and fake.counts["sequence"] == 40
     assert all(len(b.get("ids", b.get("symbols", []))) <= (1000 if e == "lookup" else 50)
@@ -173,23 +182,113 @@ async def test_429_storm_loses_no_gene(serve: Start) -> None:
     assert all(g.status == "ok" and len(g.isoforms) == 6 for g in result)
 
 
-async def test_429_pauses_every_request_of_the_client(serve: Start) -> None:
-    genes = synthetic_genes(40)
-    fake = await serve(genes, faults=[Fault("sequence", 429, times=1, retry_after=0.3)])
-    arrivals: list[tuple[float, str]] = []
-    original = fake._handle
+class Timeline:
+    """What happened, in order, on a fake clock that moves only when the transport's
+    pause sleeps: requests as the client sends them (past the pause gate), a 429 as the
+    client reads its status line, and whatever a test's fake server adds."""
 
-    async def timed(request, endpoint, *args):  # type: ignore[no-untyped-def]
-        arrivals.append((asyncio.get_running_loop().time(), endpoint))
-        return await original(request, endpoint, *args)
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.events: list[tuple[str, float]] = []
+        self.listeners: list[Callable[[str], None]] = []
 
-    fake._handle = timed  # type: ignore[method-assign]
-    async with client(fake, lookup_chunk_size=40, sequence_chunk_size=2) as c:
-        await c.fetch_isoforms([g.symbol for g in genes])
-    first_sequence = next(t for t, e in arrivals if e == "sequence")
-    later = [t for t, e in arrivals if t > first_sequence]
-    assert len(later) == 20  # 20 sequence requests in all, 1 of them retried
-    assert min(later) - first_sequence >= 0.29  # nobody went during the pause
+    def add(self, what: str) -> None:
+        self.events.append((what, self.now))
+        for listener in self.listeners:
+            listener(what)
+
+    def saw(self, what: str) -> bool:
+        return any(event == what for event, _ in self.events)
+
+    async def sleep(self, seconds: float) -> None:
+        until = self.now + seconds
+        await asyncio.sleep(0)  # let the other tasks run, as a real sleep would
+        self.now = max(self.now, until)  # overlapping sleeps overlap
+
+    def after(self, first: str, what: str) -> tuple[float, list[float]]:
+        """When `first` happened, and when each `what` after it did."""
+        i = next(i for i, (event, _) in enumerate(self.events) if event == first)
+        return self.events[i][1], [t for event, t in self.events[i + 1:] if event == what]
+
+
+async def twenty_sequence_requests(fake: FakeEnsembl, timeline: Timeline,
+                                   on_429: Callable[[], Awaitable[None]]) -> int:
+    """20 sequence requests at once through one transport, and one more sent once the
+    client has read a 429's status line (after `on_429`, a slow client); the number of
+    429s the client saw."""
+    genes = synthetic_genes(21)
+    late: list[asyncio.Future[Any]] = []
+
+    async def sent(*_: object) -> None:
+        timeline.add("sent")
+
+    async def read(_s: object, _c: object, params: aiohttp.TraceRequestEndParams) -> None:
+        if params.response.status == 429:
+            await on_429()
+            timeline.add("429 read")
+            late.append(asyncio.ensure_future(post(genes[20])))
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(sent)
+    trace.on_request_end.append(read)
+    async with aiohttp.ClientSession(trace_configs=[trace]) as session, JsonTransport(
+            fake.url, rate_limit=1000, session=session, clock=lambda: timeline.now,
+            sleep=timeline.sleep) as transport:
+        def post(gene: FakeGene) -> Awaitable[Any]:
+            body = {"ids": [gene.gene_id], "type": "protein"}
+            return transport.post("/sequence/id", body, queries=[gene.symbol])
+
+        replies = await asyncio.gather(*map(post, genes[:20]))
+        replies += await asyncio.gather(*late)
+    assert len(replies) == 21 and all(replies)
+    return transport.stats["n429"]
+
+
+async def test_429_pauses_every_request_sent_after_it_was_read(serve: Start) -> None:
+    # The 429's body comes only once a request was sent after its status line was read: a
+    # client that paused on the body, not the status, let that request through the pause.
+    hold = asyncio.Event()
+    fake = await serve(synthetic_genes(21),
+                       faults=[Fault("sequence", 429, retry_after=0.3, hold=hold)])
+    timeline = Timeline()
+
+    def release(what: str) -> None:
+        if what == "sent" and timeline.saw("429 read"):
+            hold.set()
+
+    timeline.listeners.append(release)
+    assert await twenty_sequence_requests(fake, timeline, lambda: asyncio.sleep(0)) == 1
+    read_at, sent_after = timeline.after("429 read", "sent")
+    assert len(sent_after) >= 2  # the late one and the retry, at least
+    assert min(sent_after) >= read_at + 0.3  # every one waited for the pause
+
+
+async def test_a_request_sent_before_the_429_was_read_may_arrive_after_it(
+        serve: Start) -> None:
+    # What the wall-clock version of the test above tripped on (a request reached the fake
+    # 1.7 ms after the 429): here the client reads the 429 only once another request has
+    # reached the server after the 429 went out. That request had left before the client
+    # knew; no client can call it back. Every one sent after the read still waits.
+    fake = await serve(synthetic_genes(21), faults=[Fault("sequence", 429, retry_after=0.3)])
+    timeline = Timeline()
+    arrived_late = asyncio.Event()
+    refuse = fake._refuse
+
+    async def logged(request: web.Request, endpoint: str) -> web.StreamResponse | None:
+        timeline.add("arrived")
+        if timeline.saw("429 answered"):
+            arrived_late.set()
+        refused = await refuse(request, endpoint)
+        if refused is not None and refused.status == 429:
+            timeline.add("429 answered")
+        return refused
+
+    fake._refuse = logged  # type: ignore[method-assign]
+    assert await twenty_sequence_requests(fake, timeline, arrived_late.wait) == 1
+    answered_at, arrived = timeline.after("429 answered", "arrived")
+    read_at, sent_after = timeline.after("429 read", "sent")
+    assert min(arrived) < answered_at + 0.3  # "during the pause", by the server's clock
+    assert sent_after and min(sent_after) >= read_at + 0.3
 
 
 async def test_pause_gate_with_a_fake_clock() -> None:
@@ -228,11 +327,11 @@ async def test_5xx_bursts_html_and_resets_are_retried(serve: Start) -> None:
 
 
 async def test_timeouts_are_retried(serve: Start) -> None:
-    fake = await serve(faults=[Fault("sequence", "stall")], stall_seconds=2.0)
-    async with client(fake, timeout=0.3) as c:
+    fake = await serve(faults=[Fault("sequence", "stall")], stall_seconds=60)
+    async with client(fake, timeout=0.5) as c:  # replies take ms: 0.5 s is a wide margin
         (gene,) = await c.fetch_isoforms(["BRAF"])
         stats = c.stats
-    assert gene.status == "ok" and stats["retries"] == 1
+    assert gene.status == "ok" and fake.counts["fault stall"] == 1 and stats["retries"] >= 1
 
 
 async def test_giving_up_names_the_genes(serve: Start) -> None:
@@ -302,12 +401,11 @@ async def test_unreachable_server_fails_fast(tmp_path: Path) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    loop = asyncio.get_running_loop()
-    start = loop.time()
     async with EnsemblClient(base_url=f"http://127.0.0.1:{port}") as c:
         with pytest.raises(EnsemblUnavailableError, match="cannot reach"):
             await c.fetch_isoforms(["BRAF"])
-    assert loop.time() - start < 5
+        stats = c.stats
+    assert stats["requests"] == 1 and "retries" not in stats  # no retry, no backoff sleep
 
 
 async def test_symbols_in_another_case_match_with_a_warning(

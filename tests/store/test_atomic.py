@@ -23,6 +23,7 @@ from esm2_batch.store.atomic import (
     check_writable,
     file_mode,
 )
+from tests.unprivileged import Unprivileged
 
 # umask -> (file mode, directory mode) any file or directory the user creates gets
 MODES = {0o022: (0o644, 0o755), 0o077: (0o600, 0o700)}
@@ -321,15 +322,14 @@ def test_check_writable_refuses_a_missing_parent(tmp_path: Path) -> None:
     _one_line_naming(error, missing, "--out")
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
-                    reason="root can write anywhere")
-def test_check_writable_refuses_an_unwritable_parent(tmp_path: Path) -> None:
-    locked = tmp_path / "locked"
+def test_check_writable_refuses_an_unwritable_parent(unprivileged: Unprivileged) -> None:
+    locked = unprivileged.root / "locked"
     locked.mkdir()
-    locked.chmod(0o500)
+    locked.chmod(0o555)  # read-only for everyone
     try:
         with pytest.raises(StoreError) as error:
-            check_writable(locked / "esm_all.pt", flag="--out", example="esm_all.pt")
+            unprivileged.run(lambda: check_writable(locked / "esm_all.pt", flag="--out",
+                                                    example="esm_all.pt"))
     finally:
         locked.chmod(0o700)
     _one_line_naming(error, locked, "--out")

@@ -65,24 +65,17 @@ def holder(tmp_path: Path) -> Iterator[tuple[Any, Connection]]:
     child.join(30)
 
 
-def test_a_second_run_fails_at_once_naming_the_first(tmp_path: Path,
-                                                     holder: tuple[Any, Connection]) -> None:
-    child, conn = holder
+@pytest.mark.slow  # a second Python process (spawned: it imports torch, seconds)
+def test_a_second_run_fails_at_once_naming_the_first_and_kill_9_leaves_no_stale_lock(
+        tmp_path: Path, holder: tuple[Any, Connection]) -> None:
+    child, _ = holder
     for overwrite in (False, True):  # --overwrite must not wipe a run in progress
         with pytest.raises(StoreError) as caught:
             PartialStore(tmp_path / "p", SETTINGS, overwrite=overwrite)
         message = str(caught.value)
         assert f"pid {child.pid})" in message and "wait for it or stop it" in message
         assert "\n" not in message
-    conn.send("let go")
-    child.join(30)
-    with PartialStore(tmp_path / "p", SETTINGS) as store:
-        assert list(store.cached_genes()) == ["A"]
-
-
-def test_kill_9_leaves_no_stale_lock(tmp_path: Path, holder: tuple[Any, Connection]) -> None:
-    child, _ = holder
-    os.kill(child.pid, signal.SIGKILL)
+    os.kill(child.pid, signal.SIGKILL)  # the first run dies without closing the store
     child.join(30)
     with PartialStore(tmp_path / "p", SETTINGS) as store:
         assert list(store.cached_genes()) == ["A"]

@@ -168,10 +168,15 @@ class JsonTransport:
         try:
             async with self._session.request(method, self.base_url + path, json=body,
                                              timeout=self._timeout) as resp:
-                text = await resp.text(errors="replace")
+                # Pause on the status line, before awaiting the body: any await between
+                # reading a 429 and pausing lets a queued request through the pause.
+                wait = self._pause_if_limited(resp.status, resp.headers)
                 self._note_budget(resp.headers)
                 self._reached = True
-                return _decode(resp.status, resp.headers, text)
+                text = await resp.text(errors="replace")
+                outcome = _decode(resp.status, text)
+                outcome.retry_after = wait
+                return outcome
         except aiohttp.ClientConnectorError as exc:
             if not self._reached:
                 raise EnsemblUnavailableError(f"cannot reach {self.base_url} ({exc})") from exc
@@ -186,10 +191,18 @@ class JsonTransport:
             raise EnsemblUnavailableError(
                 f"{path}: still rate limited (HTTP 429) after {count} waits; lower "
                 "--rate_limit or --parallel_workers", queries=queries)
-        wait = outcome.retry_after
+        log.warning("%s: HTTP 429, all requests paused for %.2fs", path,
+                    outcome.retry_after or 0.0)
+
+    def _pause_if_limited(self, status: int, headers: Any) -> float | None:
+        """On a 429, pause every request for its Retry-After (fractional seconds, else
+        the policy's default) and return that wait; None for any other status."""
+        if status != 429:
+            return None
+        wait = _number(headers.get("Retry-After"))
         wait = self.retry.default_retry_after if wait is None else wait
-        log.warning("%s: HTTP 429, pausing all requests for %.2fs", path, wait)
         self._gate.pause_for(wait)
+        return wait
 
     def _raise_if_final(self, outcome: _Outcome, failures: int, path: str,
                         queries: Sequence[str]) -> None:
@@ -212,11 +225,10 @@ class JsonTransport:
         self._gate.pause_for(reset / max(remaining, 1.0))
 
 
-def _decode(status: int, headers: Any, text: str) -> _Outcome:
+def _decode(status: int, text: str) -> _Outcome:
     """Turn a raw HTTP reply into an outcome; JSON that fails to parse is transient."""
     if status == 429:
-        return _Outcome(status=429, reason="HTTP 429",
-                        retry_after=_number(headers.get("Retry-After")))
+        return _Outcome(status=429, reason="HTTP 429")
     try:
         data = json.loads(text)
     except ValueError:
