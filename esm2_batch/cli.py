@@ -51,6 +51,7 @@ from esm2_batch.cli_flags import (
     parse_poolers,
     parse_size,
 )
+from esm2_batch.embedding.options import AUTO_TOKENS  # no torch: the CLI starts fast
 from esm2_batch.errors import (
     EmbeddingError,
     EnsemblError,
@@ -104,7 +105,7 @@ def main(
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
     batch_size: BatchSize = None,
-    toks_per_batch: Toks = 4096,
+    toks_per_batch: Toks = AUTO_TOKENS,
     parallel_workers: Annotated[int, option("--parallel_workers",
                                           help="Ensembl requests in flight.")] = 10,
     rate_limit: Annotated[float, option("--rate_limit", help="Ensembl requests per second "
@@ -208,7 +209,7 @@ def fasta(
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
     batch_size: BatchSize = None,
-    toks_per_batch: Toks = 4096,
+    toks_per_batch: Toks = AUTO_TOKENS,
     truncation: Truncation = None,
     long_seqs: LongSeqsOpt = "truncate",
     repr_layers: ReprLayers = None,

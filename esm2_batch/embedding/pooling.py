@@ -174,19 +174,18 @@ class SequencePool:
     bad_vector: bool = False
     bad_residue: bool = False
     coverage: torch.Tensor | None = None  # (L, 1) windows per residue; None for one piece
+    counts: list[int] = field(default_factory=list)  # the same, on the host as numbers
 
     def __post_init__(self) -> None:
         self.length = self.windows[-1][1]
         self.pending = len(self.windows)
         if len(self.windows) > 1:
-            counts = window_coverage(self.length, self.windows)
-            self.coverage = torch.tensor(counts, dtype=torch.float32)[:, None]  # (L, 1)
+            self.counts = window_coverage(self.length, self.windows)
+            self.coverage = torch.tensor(self.counts, dtype=torch.float32)[:, None]  # (L, 1)
 
     def coverage_of(self, start: int, end: int) -> list[float] | None:
         """Coverage of residues [start, end) for a window's launch; None for one piece."""
-        if self.coverage is None:
-            return None
-        return [float(c) for c in self.coverage[start:end, 0].tolist()]
+        return None if self.coverage is None else [float(c) for c in self.counts[start:end]]
 
     def add(self, start: int, landed: Landed | None) -> None:
         """Fold in the piece starting at residue `start`; None: out of memory alone."""

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from esm2_batch.embedding.budget import sized
 from esm2_batch.embedding.options import EmbedOptions, matrix_name
 from esm2_batch.embedding.sequences import clean_sequence
 from esm2_batch.errors import InputError, StoreError
@@ -109,7 +110,7 @@ def run_fasta(inputs: Sequence[Path], *, model: LoadedModel, out_dir: Path | Non
     `per_file_format` "tensor" or "esm-extract" (outputs/per_file.py)."""
     if out_dir is not None and not out_dir.is_dir():
         raise StoreError(f"{out_dir}: no such output directory; create it first")
-    options = (embed or EmbedOptions()).for_model(model.max_residues)
+    options = sized(embed or EmbedOptions(), model)  # truncation and an "auto" budget
     if per_file is not None:
         check_per_file_dir(per_file, per_file_format)
         options = dataclasses.replace(options, per_tok=True)
