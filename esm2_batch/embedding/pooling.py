@@ -85,23 +85,38 @@ def _pool_layer(states: torch.Tensor, residues: torch.Tensor, batch: DeviceBatch
     values = residues.float()  # (R, E)
     if batch.coverage is not None:
         values = values / batch.coverage  # each window's share of a residue
-    size, pieces = batch.host.size, batch.residue_pieces
-    sums = values.new_zeros(size, values.shape[1]).index_add_(0, pieces, values)  # (B, E)
+    pieces = batch.residue_pieces
+    shape = (batch.host.size, values.shape[1])  # (B, E)
+    mean = _segment_mean(values, batch) if {"mean", "std"} & set(poolers) else None
     out = []
     for pooler in poolers:
         if pooler == "mean":
-            out.append(sums / batch.mean_divisor)
+            assert mean is not None
+            out.append(mean * (batch.counts / batch.mean_divisor))  # x 1.0 for a piece alone
         elif pooler == "bos":
             out.append(states.index_select(0, batch.bos_rows).float() / batch.bos_divisor)
         elif pooler == "max":
             where = pieces[:, None].expand_as(values)
-            out.append(values.new_full(sums.shape, float("-inf")).scatter_reduce_(
+            out.append(values.new_full(shape, float("-inf")).scatter_reduce_(
                 0, where, values, "amax"))
-        else:  # std, population (correction 0), two passes as torch.std
-            centred = values - (sums / batch.counts).index_select(0, pieces)
-            squares = values.new_zeros(sums.shape).index_add_(0, pieces, centred.square())
-            out.append((squares / batch.counts).sqrt_())
+        else:  # std, population (correction 0): squares about the mean, summed in fp64
+            assert mean is not None
+            centred = (values - mean.index_select(0, pieces)).double()
+            squares = centred.new_zeros(shape).index_add_(0, pieces, centred.square_())
+            out.append((squares / batch.counts).sqrt_().float())
     return out
+
+
+def _segment_mean(values: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
+    """(B, E) mean of each piece's (R, E) rows, by the corrected two-pass algorithm: an
+    index_add sums rows one after another (a 1,022-residue mean then drifts ~5x further
+    from the exact one than torch.mean's pairwise sum), so the mean of the rows centred
+    on the first estimate is added back, which leaves it closer than torch.mean."""
+    pieces = batch.residue_pieces
+    zeros = values.new_zeros(batch.host.size, values.shape[1])
+    mean = zeros.index_add(0, pieces, values) / batch.counts
+    centred = values - mean.index_select(0, pieces)
+    return mean.add_(zeros.index_add_(0, pieces, centred) / batch.counts)
 
 
 @dataclass(frozen=True, slots=True)

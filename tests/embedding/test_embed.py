@@ -17,7 +17,7 @@ from esm2_batch.embedding.embed import Embedded, embed_sequences, iter_embedding
 from esm2_batch.embedding.sequences import clean_sequence
 from esm2_batch.errors import EmbeddingError, InputError
 from esm2_batch.models import LoadedModel, load_model
-from tests.embedding.launches import first_residue_rows
+from tests.embedding.launches import first_residue_rows, on_launch
 from tests.fakes.tiny_esm import fair_esm_states, write_tiny_checkpoint
 from tests.tolerance import tolerance
 
@@ -62,14 +62,7 @@ def proteins() -> list[str]:
 def spy(monkeypatch: pytest.MonkeyPatch) -> list[HostBatch]:
     """Every launch the embedder sends to the model."""
     sent: list[HostBatch] = []
-    forward = embed.forward_states
-
-    def recording(model: LoadedModel, batch: DeviceBatch, layers: tuple[int, ...]
-                  ) -> torch.Tensor:
-        sent.append(batch.host)
-        return forward(model, batch, layers)
-
-    monkeypatch.setattr(embed, "forward_states", recording)
+    on_launch(monkeypatch, lambda model, batch, layers: sent.append(batch.host))
     return sent
 
 
@@ -174,16 +167,13 @@ def test_oom_splits_batch_and_reports_lone_failure_by_name(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     widths: list[int] = []
-    forward = embed.forward_states
 
-    def small_gpu(loaded: LoadedModel, batch: DeviceBatch, layers: tuple[int, ...]
-                  ) -> torch.Tensor:
+    def small_gpu(loaded: LoadedModel, batch: DeviceBatch, layers: tuple[int, ...]) -> None:
         widths.append(batch.host.size)
         if batch.host.token_count > 150:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        return forward(loaded, batch, layers)
 
-    monkeypatch.setattr(embed, "forward_states", small_gpu)
+    on_launch(monkeypatch, small_gpu)
     rng = random.Random(11)
     seqs = [(f"p{i}", "".join(rng.choices(AMINO, k=40))) for i in range(6)]
     seqs.insert(3, ("titan", "M" * 200))

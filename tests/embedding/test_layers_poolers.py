@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from esm2_batch.embedding import embed
-from esm2_batch.embedding.batch import DeviceBatch
 from esm2_batch.embedding.embed import embed_sequences, iter_embeddings
 from esm2_batch.embedding.options import EmbedOptions
 from esm2_batch.errors import InputError
 from esm2_batch.models import LoadedModel, layer_states, load_model, representations
+from tests.embedding.launches import on_launch
 from tests.fakes.tiny_esm import fair_esm_states, write_tiny_checkpoint
 from tests.tolerance import tolerance
 
@@ -76,14 +76,7 @@ def test_one_forward_serves_every_layer(
     any_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[tuple[int, ...]] = []
-    forward = embed.forward_states
-
-    def counting(model: LoadedModel, batch: DeviceBatch, layers: tuple[int, ...]
-                 ) -> torch.Tensor:
-        calls.append(layers)
-        return forward(model, batch, layers)
-
-    monkeypatch.setattr(embed, "forward_states", counting)
+    on_launch(monkeypatch, lambda model, batch, layers: calls.append(layers))
     results = list(iter_embeddings(any_model, proteins(5), repr_layers=(2, 0, -1),
                                    include=("max",)))
     assert calls == [(2, 0, 3)]  # one batch, one forward, absolute layers

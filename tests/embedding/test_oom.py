@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from esm2_batch.embedding import budget, embed
-from esm2_batch.embedding.batch import DeviceBatch, HostBatch
+from esm2_batch.embedding.batch import HostBatch
 from esm2_batch.embedding.embed import embed_sequences, iter_embeddings
 from esm2_batch.embedding.options import EmbedOptions
 from esm2_batch.errors import EmbeddingError
 from esm2_batch.models import LoadedModel, load_model
-from tests.embedding.launches import piece_residues
+from tests.embedding.launches import on_launch, piece_residues
 from tests.fakes.tiny_esm import write_tiny_checkpoint
 from tests.tolerance import tolerance
 
@@ -63,14 +63,7 @@ def device_holding(monkeypatch: pytest.MonkeyPatch, *, max_rows: int | None = No
         poison = embed._encode(never, embed._token_table(model)).long()
     original: Callable[..., Any] = getattr(embed, stage)
     if stage != "forward_states":  # still record every launch, at its forward
-        forward = embed.forward_states
-
-        def record(loaded: LoadedModel, batch: DeviceBatch, layers: tuple[int, ...]
-                   ) -> torch.Tensor:
-            tried.append(batch.host)
-            return forward(loaded, batch, layers)
-
-        monkeypatch.setattr(embed, "forward_states", record)
+        on_launch(monkeypatch, lambda loaded, batch, layers: tried.append(batch.host))
 
     def limited(*args: Any) -> Any:
         host: HostBatch = args[1] if stage == "send" else args[1].host

@@ -11,11 +11,10 @@ from typing import Any
 import pytest
 import torch
 
-from esm2_batch.embedding import embed
-from esm2_batch.embedding.batch import DeviceBatch
 from esm2_batch.embedding.embed import Embedded, embed_rows
 from esm2_batch.embedding.options import EmbedOptions
 from esm2_batch.models import LoadedModel, load_model
+from tests.embedding.launches import on_launch
 from tests.fakes.tiny_esm import write_tiny_checkpoint
 
 SYNCHRONISING = ("item", "tolist", "cpu", "nonzero", "__bool__", "__int__", "__float__")
@@ -49,15 +48,8 @@ def run_counting(model: LoadedModel, sequences: list[str], monkeypatch: pytest.M
                  options: EmbedOptions) -> tuple[list[Embedded], int, list[str]]:
     """Plan (outside the count), then run every batch counting: the results, the
     launches and the synchronising calls made while they ran."""
-    launches = []
-    forward = embed.forward_states
-
-    def launching(loaded: LoadedModel, batch: DeviceBatch, layers: tuple[int, ...]
-                  ) -> torch.Tensor:
-        launches.append(batch.host.size)
-        return forward(loaded, batch, layers)
-
-    monkeypatch.setattr(embed, "forward_states", launching)
+    launches: list[int] = []
+    on_launch(monkeypatch, lambda loaded, batch, layers: launches.append(batch.host.size))
     results: Iterator[Embedded] = embed_rows(model, sequences, options)
     calls: list[str] = []
     with monkeypatch.context() as patch:

@@ -18,10 +18,8 @@ from esm2_batch.models.varlen import Packing, attention_for, host_index
 from tests.fakes.tiny_esm import build_random_esm2
 from tests.models.test_esm2_fast import (
     AMINO,
-    ARCHITECTURES,
     LENGTH_MIXES,
     fair_states,
-    round_inv_freq,
     states_tolerance,
     tokens_of,
 )
@@ -31,15 +29,6 @@ CASES = [*((mix, "segments") for mix in LENGTH_MIXES), ("padded", "nested"),
          ("masked_unknown", "nested")]
 """(length mix, attention): every mix with the CPU's mechanism, two with SDPA over nested
 jagged tensors (the CUDA default, 60x slower on CPU); "flash" needs CUDA and flash-attn."""
-
-
-@pytest.fixture(scope="module", params=ARCHITECTURES, ids=lambda a: "L{}-E{}-H{}-td{}".format(*a))
-def pair(request: pytest.FixtureRequest) -> tuple[ESM2, FastESM2]:
-    layers, dim, heads, token_dropout = request.param
-    module = build_random_esm2(num_layers=layers, embed_dim=dim, heads=heads, seed=layers,
-                               token_dropout=token_dropout).eval()
-    module = round_inv_freq(module)
-    return module, FastESM2.from_fair_esm(module)
 
 
 def packed(module: ESM2, tokens: torch.Tensor) -> tuple[torch.Tensor, Packing, torch.Tensor]:
