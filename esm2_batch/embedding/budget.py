@@ -76,6 +76,7 @@ class _ModelBudget:
     """What one loaded model's runs learned: its auto size, the launch limit."""
 
     requested: int = AUTO_TOKENS
+    resolved: int | None = None  # what "auto" last became (sized options come back here)
     auto: AutoSize | None = None
     limit: int | None = None
     overflows: int = 0
@@ -94,16 +95,20 @@ def sized(options: EmbedOptions, model: LoadedModel) -> EmbedOptions:
     "auto" budget replaced by the device's (module docstring); a number stays as it is."""
     options = options.for_model(model.max_residues)
     state = _state(model)
-    state.requested = options.toks_per_batch
     if options.toks_per_batch != AUTO_TOKENS:
+        if options.toks_per_batch != state.resolved:  # not options sized here before
+            state.requested = options.toks_per_batch
         return options
+    state.requested = AUTO_TOKENS
     if model.device.type != "cuda":
-        return replace(options, toks_per_batch=CPU_TOKENS)
-    if state.auto is None:
-        per_token = bytes_per_token(model, options)
-        state.auto = auto_size(free_bytes(model.device), per_token,
-                               longest=_longest(model, options))
-    return replace(options, toks_per_batch=state.auto.tokens)
+        state.resolved = CPU_TOKENS
+    else:
+        if state.auto is None:
+            per_token = bytes_per_token(model, options)
+            state.auto = auto_size(free_bytes(model.device), per_token,
+                                   longest=_longest(model, options))
+        state.resolved = state.auto.tokens
+    return replace(options, toks_per_batch=state.resolved)
 
 
 def auto_size(free: int, per_token: int, *, longest: int) -> AutoSize:

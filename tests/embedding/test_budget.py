@@ -65,7 +65,9 @@ def test_auto_is_the_default_and_cpu_keeps_4096(cpu_model: LoadedModel) -> None:
     assert EmbedOptions(toks_per_batch="auto").toks_per_batch == AUTO_TOKENS  # type: ignore[arg-type]
     assert sized(EmbedOptions(), cpu_model).toks_per_batch == CPU_TOKENS == 4096
     assert sized(EmbedOptions(toks_per_batch=700), cpu_model).toks_per_batch == 700
-    meta = budget_meta(cpu_model, sized(EmbedOptions(), cpu_model))
+    options = sized(EmbedOptions(), cpu_model)
+    assert sized(options, cpu_model) == options  # the run's stages size them again
+    meta = budget_meta(cpu_model, options)
     assert meta == {"toks_per_batch": 4096, "requested": "auto", "auto": None,
                     "launch_limit": None, "overflows": 0}
 
@@ -85,6 +87,8 @@ def test_auto_on_cuda_from_free_memory(cpu_model: LoadedModel,
     meta = budget_meta(model, options)
     assert meta["requested"] == "auto" and meta["toks_per_batch"] == options.toks_per_batch
     assert meta["auto"]["free_bytes"] == free and meta["auto"]["bytes_per_token"] == per_token
+    assert sized(options, model) == options  # sized options come back unchanged
+    assert budget_meta(model, options)["requested"] == "auto"
     assert sized(EmbedOptions(toks_per_batch=2048), model).toks_per_batch == 2048
     assert budget_meta(model, EmbedOptions(toks_per_batch=2048))["auto"] is None
 
