@@ -50,6 +50,7 @@ from esm2_batch.cli_flags import (
 )
 from esm2_batch.cli_guard import guarded, guarded_command, say, setup_logging
 from esm2_batch.cli_look import inspect_command, report_command
+from esm2_batch.embedding.options import AUTO_TOKENS  # no torch: the CLI starts fast
 from esm2_batch.errors import (
     InputError,
 )
@@ -95,7 +96,7 @@ def main(
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
     batch_size: BatchSize = None,
-    toks_per_batch: Toks = 4096,
+    toks_per_batch: Toks = AUTO_TOKENS,
     parallel_workers: Annotated[int, option("--parallel_workers",
                                           help="Ensembl requests in flight.")] = 10,
     rate_limit: Annotated[float, option("--rate_limit", help="Ensembl requests per second "
@@ -205,7 +206,7 @@ def fasta(
         "--dtype", help="Compute precision: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or "
         "fp32. FASTA rows are stored as float32.")] = "auto",
     batch_size: BatchSize = None,
-    toks_per_batch: Toks = 4096,
+    toks_per_batch: Toks = AUTO_TOKENS,
     truncation: Truncation = None,
     long_seqs: LongSeqsOpt = "truncate",
     repr_layers: ReprLayers = None,

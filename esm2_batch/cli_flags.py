@@ -14,6 +14,8 @@ from typing import Annotated, Literal, TypeVar
 
 import typer
 
+from esm2_batch.embedding.options import AUTO_TOKENS  # no torch: the CLI starts fast
+
 _POOLER_WORD = r"mean|bos|max|std|per_tok"
 LIST_FLAGS = {"--repr_layers": r"-?\d+", "--repr-layers": r"-?\d+",
               "--include": _POOLER_WORD}
@@ -69,8 +71,22 @@ DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
 DtypeOpt = Annotated[str, option("--dtype", help="Compute precision: auto (fp16 on CUDA, fp32 "
                                "on CPU), fp16, bf16 or fp32. Rows are stored as float16.")]
 BatchSize = Annotated[int | None, option("--batch_size", help="Max sequences per batch.")]
-Toks = Annotated[int, option("--toks_per_batch", help="Token budget per batch (padded, incl. "
-                           "BOS/EOS).")]
+def parse_toks(value: str | int) -> int:
+    """--toks_per_batch: "auto" (`AUTO_TOKENS`: sized for the device) or a number; a number
+    that is not a budget (0) is refused by EmbedOptions with the one-line error."""
+    if str(value).strip().lower() == "auto":
+        return AUTO_TOKENS
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a number of tokens or auto",
+                                 param_hint="--toks_per_batch") from None
+
+
+Toks = Annotated[int, option(
+    "--toks_per_batch", parser=parse_toks, metavar="N|auto", show_default="auto",
+    help="Token budget per batch (BOS/EOS included; padding too for engines that pad). "
+    "auto: sized from free GPU memory on CUDA (recorded in meta['budget']), 4096 on CPU.")]
 Truncation = Annotated[int | None, option(
     "--truncation", help="Residues kept per sequence (default: the model's context, 1022 for "
     "ESM2, 2046 for FastESM2, ESM C and ESM3).")]

@@ -5,7 +5,11 @@ Nothing here touches torch or a model, so every rule is unit-tested in microseco
 - `plan_batches` packs sequences under a token budget. ESM2 adds a BOS and an EOS token
   to every sequence, and a padded batch costs ``max_len * n_seqs`` tokens on the device,
   so the budget counts exactly that (fair-esm's ``get_batch_indices`` counts one extra
-  token per sequence, not two, and budgets the untruncated length).
+  token per sequence, not two, and budgets the untruncated length); a packed batch (the
+  fast engine's unpadded stream) costs the sum of its sequences' tokens, so with
+  ``packed=True`` the budget counts that.
+- `split_batch` cuts a planned batch into launches under a smaller budget (the size
+  that fit after a CUDA out-of-memory), keeping its order; nothing is ever dropped.
 - `plan_windows` cuts a long protein into overlapping windows so a 35,000-residue titin
   runs with the memory of a 1,022-residue one; `window_coverage` says how many windows
   cover each residue, which is what overlapping states are averaged by.
@@ -43,14 +47,28 @@ def padded_tokens(lengths: Sequence[int], *, extra_tokens: int = SPECIAL_TOKENS)
     return (max(lengths) + extra_tokens) * len(lengths)
 
 
+def packed_tokens(lengths: Sequence[int], *, extra_tokens: int = SPECIAL_TOKENS) -> int:
+    """Tokens a batch of these residue counts occupies packed (no padding)."""
+    return sum(lengths) + extra_tokens * len(lengths)
+
+
+def batch_tokens(lengths: Sequence[int], *, packed: bool,
+                 extra_tokens: int = SPECIAL_TOKENS) -> int:
+    """What a batch costs against the budget: packed or padded tokens."""
+    count = packed_tokens if packed else padded_tokens
+    return count(lengths, extra_tokens=extra_tokens)
+
+
 def plan_batches(
     lengths: Sequence[int],
     *,
     toks_per_batch: int,
     batch_size: int | None = None,
     extra_tokens: int = SPECIAL_TOKENS,
+    packed: bool = False,
 ) -> BatchPlan:
-    """Pack residue counts into batches of at most `toks_per_batch` padded tokens.
+    """Pack residue counts into batches of at most `toks_per_batch` tokens: padded
+    tokens, or with `packed` the sum of the members' tokens (`batch_tokens`).
 
     Sorting by length (longest first, ties by index for determinism) keeps sequences of
     similar length together, so padding stays small. A batch closes when adding the next
@@ -64,21 +82,45 @@ def plan_batches(
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     oversize = sorted(i for i in order if lengths[i] + extra_tokens > toks_per_batch)
     skip = set(oversize)
+    kept = [i for i in order if i not in skip]
+    batches = _consecutive(kept, lengths, toks_per_batch=toks_per_batch,
+                           batch_size=batch_size, extra_tokens=extra_tokens, packed=packed)
+    return BatchPlan(batches=batches, oversize=tuple(oversize))
+
+
+def split_batch(
+    lengths: Sequence[int], *, toks_per_batch: int, packed: bool,
+    extra_tokens: int = SPECIAL_TOKENS,
+) -> tuple[tuple[int, ...], ...]:
+    """A planned batch (its members' residue counts, longest first) cut into consecutive
+    groups of positions within `toks_per_batch`; a member that alone exceeds it is a
+    group of its own (it was planned under a larger budget: it is tried, never dropped)."""
+    return _consecutive(range(len(lengths)), lengths, toks_per_batch=toks_per_batch,
+                        batch_size=None, extra_tokens=extra_tokens, packed=packed)
+
+
+def _consecutive(
+    order: Sequence[int], lengths: Sequence[int], *, toks_per_batch: int,
+    batch_size: int | None, extra_tokens: int, packed: bool,
+) -> tuple[tuple[int, ...], ...]:
+    """`order` (longest first) cut greedily where the next member would break the budget
+    or `batch_size`; the first member of a group always joins it."""
     batches: list[tuple[int, ...]] = []
     current: list[int] = []
+    cost = 0  # of `current`; padded: the first (longest) member sets the width
     for i in order:
-        if i in skip:
-            continue
-        # Longest first: the batch's padded width is set by its first member.
-        width = (lengths[current[0]] if current else lengths[i]) + extra_tokens
+        tokens = lengths[i] + extra_tokens
+        grown = cost + tokens if packed else (lengths[current[0]] + extra_tokens if current
+                                              else tokens) * (len(current) + 1)
         full = batch_size is not None and len(current) >= batch_size
-        if current and (full or width * (len(current) + 1) > toks_per_batch):
+        if current and (full or grown > toks_per_batch):
             batches.append(tuple(current))
-            current = []
+            current, grown = [], tokens
         current.append(i)
+        cost = grown
     if current:
         batches.append(tuple(current))
-    return BatchPlan(batches=tuple(batches), oversize=tuple(oversize))
+    return tuple(batches)
 
 
 def window_overlap(window: int) -> int:

@@ -26,12 +26,23 @@ Policies, decided once here:
   ``pooling="bos"`` in window mode is the mean of the windows' BOS states; max and std
   are over the window-averaged residue states (held on the CPU until the last window).
 - A sequence (or window) that alone needs more than `toks_per_batch` tokens is an
-  `InputError` before any model work: the budget is never exceeded silently.
-- CUDA out of memory: the batch is halved and retried down to one sequence; a sequence
-  that still does not fit fails alone (an `EmbeddingError` in its record).
-- Every row is checked for shape and finiteness; a bad row is an `EmbeddingError` naming
-  the sequence. `embed_sequences` runs everything first, then raises one `EmbeddingError`
-  listing all failures; use `iter_embeddings` to keep the rows that succeeded.
+  `InputError` before any model work: the budget is never exceeded silently. "auto" (the
+  default) sizes it for the device (budget.py: free memory on CUDA, 4,096 elsewhere).
+- The fast engine runs each batch packed, without padding (models/varlen.py); the
+  budget counts its real tokens. Other encoders get padded (B, T) batches.
+- Nothing in the batch loop waits for the device: token ids and every index are built
+  on the host and copied once (batch.py), a batch is pooled on the device and its rows
+  copied back in one transfer (pooling.py), and the next batch is launched before the
+  previous one's rows are waited for. Rows and per_tok states handed out are clones
+  (never views of a batch's buffers); per_tok states are in the compute dtype.
+- CUDA out of memory anywhere in a batch (forward, pooling, the copy): the batch is
+  halved and retried down to one sequence; a sequence that still does not fit fails
+  alone (an `EmbeddingError` in its record). The size that fit is remembered for the
+  model's later batches (budget.py), so they do not overflow again.
+- Every row is checked for shape and finiteness (the latter on the device, with the
+  batch); a bad row is an `EmbeddingError` naming the sequence. `embed_sequences` runs
+  everything first, then raises one `EmbeddingError` listing all failures; use
+  `iter_embeddings` to keep the rows that succeeded.
 - The forward is the one the model was loaded with (``load_model(..., engine=...)``: the
   fast engine by default, fair-esm's own forward as the reference) and runs under
   ``torch.inference_mode``; returned rows are ordinary tensors, and fair-esm's rotary
@@ -41,18 +52,30 @@ Policies, decided once here:
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import NoReturn
+from dataclasses import dataclass
+from typing import Literal, NoReturn
 
 import torch
 
-from esm2_batch.embedding.batching import (
-    SPECIAL_TOKENS,
-    plan_batches,
-    plan_windows,
-    window_coverage,
+from esm2_batch.embedding.batch import DeviceBatch, HostBatch, PieceInput, build_batch
+from esm2_batch.embedding.batching import SPECIAL_TOKENS, plan_batches, plan_windows, split_batch
+from esm2_batch.embedding.budget import launch_limit, overflowed, sized
+from esm2_batch.embedding.options import (
+    AUTO_TOKENS,
+    EmbedOptions,
+    LongSeqs,
+    Pooler,
+    Pooling,
+    matrix_name,
 )
-from esm2_batch.embedding.options import EmbedOptions, LongSeqs, Pooler, Pooling, matrix_name
+from esm2_batch.embedding.pooling import (
+    Flight,
+    Landed,
+    SequencePool,
+    pool_batch,
+    send,
+    vector_poolers,
+)
 from esm2_batch.embedding.sequences import RESIDUES, SequenceInput, clean_sequence, name_all
 from esm2_batch.errors import EmbeddingError, InputError
 from esm2_batch.models import LoadedModel, layer_states, representations
@@ -64,9 +87,11 @@ class Embedded:
 
     `row` is the first (pooler, layer) of `EmbedOptions.matrices`; `rows` holds every one
     of them in that order (``rows[0] is row``), empty on failure. With
-    ``EmbedOptions.per_tok``, `residues` holds every residue's state, float32 [L, dim],
-    one per layer in `EmbedOptions.layer_indices` order (BOS, EOS and padding removed:
-    fair-esm's ``representations[layer][i, 1:L+1]``)."""
+    ``EmbedOptions.per_tok``, `residues` holds every residue's state, [L, dim] on the CPU
+    in the compute dtype (float16 on CUDA stays float16 until the residue store writes
+    it; float32 for windows, which are averaged), one per layer in
+    `EmbedOptions.layer_indices` order (BOS, EOS and padding removed: fair-esm's
+    ``representations[layer][i, 1:L+1]``)."""
 
     index: int
     name: str
@@ -117,7 +142,7 @@ def embed_sequences(
     model: LoadedModel,
     sequences: Sequence[SequenceInput],
     *,
-    toks_per_batch: int = 4096,
+    toks_per_batch: int | Literal["auto"] = "auto",
     batch_size: int | None = None,
     truncation: int | None = None,
     long_seqs: LongSeqs = "truncate",
@@ -137,7 +162,7 @@ def embed_sequences(
     Raises `InputError` before any model work for bad letters or options, and one
     `EmbeddingError` naming every sequence that failed after all others have run.
     """
-    options = EmbedOptions(toks_per_batch=toks_per_batch, batch_size=batch_size,
+    options = EmbedOptions(toks_per_batch=_budget(toks_per_batch), batch_size=batch_size,
                            truncation=truncation, long_seqs=long_seqs, repr_layer=repr_layer,
                            pooling=pooling, repr_layers=tuple(repr_layers),
                            include=tuple(include))
@@ -162,7 +187,7 @@ def iter_embeddings(
     model: LoadedModel,
     sequences: Sequence[SequenceInput],
     *,
-    toks_per_batch: int = 4096,
+    toks_per_batch: int | Literal["auto"] = "auto",
     batch_size: int | None = None,
     truncation: int | None = None,
     long_seqs: LongSeqs = "truncate",
@@ -177,17 +202,21 @@ def iter_embeddings(
     ``next``); every input is yielded exactly once, in completion order. With several
     layers or poolers each record's `rows` holds them all (`EmbedOptions.matrices` order).
     """
-    options = EmbedOptions(toks_per_batch=toks_per_batch, batch_size=batch_size,
+    options = EmbedOptions(toks_per_batch=_budget(toks_per_batch), batch_size=batch_size,
                            truncation=truncation, long_seqs=long_seqs, repr_layer=repr_layer,
                            pooling=pooling, repr_layers=tuple(repr_layers),
                            include=tuple(include))
     return embed_rows(model, sequences, options)
 
 
+def _budget(toks_per_batch: int | Literal["auto"]) -> int:
+    return AUTO_TOKENS if toks_per_batch == "auto" else toks_per_batch
+
+
 def embed_rows(model: LoadedModel, sequences: Sequence[SequenceInput],
                options: EmbedOptions) -> Iterator[Embedded]:
     """`iter_embeddings` with its options as one object (what the run's stages pass)."""
-    options = options.for_model(model.max_residues)
+    options = sized(options, model)
     options.check(name=model.name, num_layers=model.num_layers,
                   max_residues=model.max_residues)
     layers = options.layer_indices(name=model.name, num_layers=model.num_layers)
@@ -209,7 +238,7 @@ def _plan(model: LoadedModel, sequences: Sequence[SequenceInput], options: Embed
     pieces = [_Piece(item, start, end)
               for item, ranges in enumerate(windows) for start, end in ranges]
     plan = plan_batches([p.length for p in pieces], toks_per_batch=options.toks_per_batch,
-                        batch_size=options.batch_size)
+                        batch_size=options.batch_size, packed=model.fast is not None)
     names = [name for name, _ in named]
     if plan.oversize:
         _raise_oversize([pieces[i] for i in plan.oversize], owners, names, options)
@@ -257,44 +286,76 @@ def _encode(sequence: str, table: torch.Tensor) -> torch.Tensor:
 
 def _run(model: LoadedModel, job: _Job, options: EmbedOptions, layers: tuple[int, ...]
          ) -> Iterator[Embedded]:
-    """Run the planned batches and yield every input once its sequence is complete."""
-    pools = [_Pool(windows, options, len(layers)) for windows in job.windows]
+    """Run the planned batches and yield every input once its sequence is complete.
+
+    Each launch is sent before the previous one is landed: the device computes batch
+    i + 1 while the host waits for batch i's rows and hands them on."""
+    pools = [SequencePool(windows, options, len(layers)) for windows in job.windows]
+    previous: _Launch | None = None
     for batch in job.batches:
-        pieces = [job.pieces[i] for i in batch]
-        for piece, states in _forward_split(model, job, pieces, layers):
-            pool = pools[piece.item]
-            pool.add(piece, states)
-            if pool.pending == 0:
-                yield from _finish(model, job, piece.item, pool)
+        for group in _within_limit(model, [job.pieces[i] for i in batch]):
+            for launch in _launch(model, job, pools, group, layers, options):
+                if previous is not None:
+                    yield from _land(model, job, pools, previous, options, layers)
+                previous = launch
+    if previous is not None:
+        yield from _land(model, job, pools, previous, options, layers)
 
 
-def _forward_split(
-    model: LoadedModel, job: _Job, pieces: list[_Piece], layers: tuple[int, ...]
-) -> Iterator[tuple[_Piece, torch.Tensor | None]]:
-    """Each piece with its (n_layers, T, E) states; on CUDA OOM halve and retry, None when
-    alone."""
-    states = _forward_or_none(model, _batch_tokens(model, job, pieces), layers)
-    if states is not None:
-        for row, piece in enumerate(pieces):
-            yield piece, states[:, row]
-    elif len(pieces) == 1:
-        yield pieces[0], None
-    else:
-        half = len(pieces) // 2
-        yield from _forward_split(model, job, pieces[:half], layers)
-        yield from _forward_split(model, job, pieces[half:], layers)
+_Launch = tuple[list[_Piece], Flight | None]
+"""A launch's pieces and its rows on their way to the host (None: out of memory alone)."""
 
 
-def _forward_or_none(model: LoadedModel, tokens: torch.Tensor, layers: tuple[int, ...]
-                     ) -> torch.Tensor | None:
-    """The batch's (n_layers, B, T, E) states from one forward, or None when CUDA ran out
-    of memory. One layer goes through `representations` (no copy of the states)."""
+def _within_limit(model: LoadedModel, pieces: list[_Piece]) -> list[list[_Piece]]:
+    """A planned batch cut to the launch limit an earlier overflow left (budget.py)."""
+    limit = launch_limit(model)
+    if limit is None:
+        return [pieces]
+    groups = split_batch([p.length for p in pieces], toks_per_batch=limit,
+                         packed=model.fast is not None)
+    return [[pieces[i] for i in group] for group in groups]
+
+
+def _launch(model: LoadedModel, job: _Job, pools: list[SequencePool], pieces: list[_Piece],
+            layers: tuple[int, ...], options: EmbedOptions) -> Iterator[_Launch]:
+    """Launch `pieces`; on CUDA out of memory (forward, pooling or the copy) halve and
+    retry, lowering the model's launch limit, down to a piece that fails alone."""
+    batch = build_batch([_piece_input(job, pools, p) for p in pieces],
+                        packed=model.fast is not None, bos=model.alphabet.cls_idx,
+                        eos=model.alphabet.eos_idx, pad=model.alphabet.padding_idx)
+    flight = _forward_or_none(model, batch, layers, options)
+    if flight is not None or len(pieces) == 1:
+        yield pieces, flight
+        return
+    overflowed(model, batch.token_count)
+    half = len(pieces) // 2
+    yield from _launch(model, job, pools, pieces[:half], layers, options)
+    yield from _launch(model, job, pools, pieces[half:], layers, options)
+
+
+def _piece_input(job: _Job, pools: list[SequencePool], piece: _Piece) -> PieceInput:
+    """A piece's token ids and pooling divisors: a whole sequence is pooled as
+    esm-extract pools it, a window contributes its share (`SequencePool`)."""
+    pool = pools[piece.item]
+    residues = job.tokens[piece.item][piece.start : piece.end]
+    if pool.coverage is None:
+        return PieceInput(residues, mean_divisor=float(piece.length), bos_divisor=1.0)
+    return PieceInput(residues, mean_divisor=float(pool.length),
+                      bos_divisor=float(len(pool.windows)),
+                      coverage=pool.coverage_of(piece.start, piece.end))
+
+
+def _forward_or_none(model: LoadedModel, batch: HostBatch, layers: tuple[int, ...],
+                     options: EmbedOptions) -> Flight | None:
+    """Upload, forward, pool and start the copy of one launch, or None when CUDA ran out
+    of memory anywhere in it. Nothing here waits for the device."""
     try:
         with torch.inference_mode():
-            tokens = tokens.to(model.device)
-            if len(layers) == 1:
-                return representations(model, tokens, layer=layers[0]).unsqueeze(0)
-            return layer_states(model, tokens, layers=layers)
+            on_device = batch.upload(model.device)
+            states = forward_states(model, on_device, layers)
+            pooled = pool_batch(states, on_device, options)
+            del states  # before the copy's buffers are allocated
+            return send(pooled, batch)
     except torch.cuda.OutOfMemoryError:
         pass  # retried outside the handler, so the traceback's tensors are freed first
     if torch.cuda.is_available():
@@ -302,114 +363,36 @@ def _forward_or_none(model: LoadedModel, tokens: torch.Tensor, layers: tuple[int
     return None
 
 
-def _batch_tokens(model: LoadedModel, job: _Job, pieces: list[_Piece]) -> torch.Tensor:
-    """(B, T) tokens: BOS, the piece's residues, EOS, then padding to the longest piece."""
-    alphabet = model.alphabet
-    width = max(p.length for p in pieces) + SPECIAL_TOKENS
-    tokens = torch.full((len(pieces), width), alphabet.padding_idx, dtype=torch.int64)
-    tokens[:, 0] = alphabet.cls_idx
-    for row, piece in enumerate(pieces):
-        tokens[row, 1 : piece.length + 1] = job.tokens[piece.item][piece.start : piece.end]
-        tokens[row, piece.length + 1] = alphabet.eos_idx
-    return tokens
-
-
-RESIDUE_POOLERS = frozenset({"per_residue", "max", "std"})
-"""Poolers that need every residue's state (in window mode: held until the last window)."""
-
-
-@dataclass(slots=True)
-class _Pool:
-    """One unique sequence's pooled values, per layer and pooler, folded in piece by piece.
-
-    One piece: each pooler reads that piece's residues directly (esm-extract's
-    t[i, 1:n+1]). Several windows: each residue's state is divided by the number of
-    windows covering it, so summing over windows gives the per-residue average; mean is
-    that sum over residues divided by the length (folded in as each window finishes), bos
-    the mean of the windows' BOS states, and max/std/per_residue read the averaged
-    [L, E] states, held on the CPU until the last window is in.
-    """
-
-    windows: tuple[tuple[int, int], ...]
-    options: EmbedOptions
-    layers: int  # how many layers each piece brings
-    length: int = field(init=False)  # residues kept (truncation applied)
-    pending: int = field(init=False)  # pieces not yet folded in
-    totals: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
-    out_of_memory: bool = False
-    coverage: torch.Tensor | None = None  # (L, 1) windows per residue; None for one piece
-
-    def __post_init__(self) -> None:
-        self.length = self.windows[-1][1]
-        self.pending = len(self.windows)
-        if len(self.windows) > 1:
-            counts = window_coverage(self.length, self.windows)
-            self.coverage = torch.tensor(counts, dtype=torch.float32)[:, None]  # (L, 1)
-
-    def add(self, piece: _Piece, states: torch.Tensor | None) -> None:
-        """Fold in one piece's (n_layers, T, E) states; None: it ran out of memory alone."""
-        self.pending -= 1
-        if states is None:
-            self.out_of_memory = True
-        elif not self.out_of_memory:
-            for k in range(self.layers):
-                self._add_layer(k, piece, states[k])
-
-    def _add_layer(self, k: int, piece: _Piece, states: torch.Tensor) -> None:
-        residues = states[1 : piece.length + 1].float()  # (n, E): no BOS, EOS or padding
-        if self.coverage is None:  # one piece: every pooler reads it directly
-            for pooler in self.options.poolers:
-                self.totals[pooler, k] = _pool_residues(pooler, residues, states[0])
-            if self.options.per_tok:
-                self.totals["residues", k] = residues.to("cpu", copy=True)
-            return
-        weighted = residues / self.coverage[piece.start : piece.end].to(residues.device)
-        if "mean" in self.options.poolers:
-            self._fold(("mean", k), weighted.sum(0) / self.length)
-        if "bos" in self.options.poolers:
-            self._fold(("bos", k), states[0].float() / len(self.windows))
-        if self.options.per_tok or RESIDUE_POOLERS.intersection(self.options.poolers):
-            if ("residues", k) not in self.totals:
-                self.totals["residues", k] = torch.zeros(self.length, weighted.shape[-1])
-            self.totals["residues", k][piece.start : piece.end] += weighted.cpu()
-
-    def _fold(self, key: tuple[str, int], part: torch.Tensor) -> None:
-        self.totals[key] = part if key not in self.totals else self.totals[key] + part
-
-    def result(self) -> tuple[torch.Tensor, ...]:
-        """Every (layer, pooler) vector on the CPU, in `EmbedOptions.matrices` order."""
-        rows = []
-        for k in range(self.layers):
-            for pooler in self.options.poolers:
-                if self.coverage is not None and pooler in RESIDUE_POOLERS:
-                    rows.append(_pool_residues(pooler, self.totals["residues", k], None))
-                else:
-                    rows.append(self.totals[pooler, k])
-        return tuple(row.cpu() for row in rows)
-
-    def residue_states(self) -> tuple[torch.Tensor, ...]:
-        """Every layer's [L, E] residue states (per_tok), else ()."""
-        if not self.options.per_tok:
-            return ()
-        return tuple(self.totals["residues", k] for k in range(self.layers))
-
-
-def _pool_residues(pooler: str, residues: torch.Tensor, bos: torch.Tensor | None
+def forward_states(model: LoadedModel, batch: DeviceBatch, layers: tuple[int, ...]
                    ) -> torch.Tensor:
-    """One pooler over (n, E) float32 residue states (`bos`: the BOS state, one piece)."""
-    if pooler == "bos":
-        assert bos is not None
-        return bos.float()
-    if pooler == "per_residue":
-        return residues.to("cpu", copy=True)
-    if pooler == "max":
-        return residues.amax(0)
-    if pooler == "std":
-        return residues.std(0, correction=0)
-    return residues.mean(0)
+    """(n_layers, rows, E) states of a launch from one forward: the fast engine's packed
+    stream (no padding), else the encoder's (B, T) batch with its positions flattened."""
+    if batch.packing is not None:
+        assert model.fast is not None
+        return model.fast.forward_packed(batch.tokens, batch.packing, layers)
+    if len(layers) == 1:
+        states = representations(model, batch.tokens, layer=layers[0]).unsqueeze(0)
+    else:
+        states = layer_states(model, batch.tokens, layers=layers)
+    return states.flatten(1, 2)
 
 
-def _finish(model: LoadedModel, job: _Job, item: int, pool: _Pool) -> Iterator[Embedded]:
+def _land(model: LoadedModel, job: _Job, pools: list[SequencePool], launch: _Launch,
+          options: EmbedOptions, layers: tuple[int, ...]) -> Iterator[Embedded]:
+    """Wait for a launch's rows, fold them in, and yield the sequences they complete."""
+    pieces, flight = launch
+    vectors = len(layers) * len(vector_poolers(options))
+    landed: list[Landed | None] = ([None] * len(pieces) if flight is None
+                                   else list(flight.land(vectors, model.embed_dim)))
+    for piece, got in zip(pieces, landed, strict=True):
+        pool = pools[piece.item]
+        pool.add(piece.start, got)
+        if pool.pending == 0:
+            yield from _finish(model, job, piece.item, pool)
+
+
+def _finish(model: LoadedModel, job: _Job, item: int, pool: SequencePool
+            ) -> Iterator[Embedded]:
     """Check the finished rows once and yield them (or the error) for every input carrying
     the sequence."""
     rows = () if pool.out_of_memory else pool.result()
@@ -422,20 +405,21 @@ def _finish(model: LoadedModel, job: _Job, item: int, pool: _Pool) -> Iterator[E
                        rows=() if problem else rows, residues=() if problem else residues)
 
 
-def _residue_problem(model: LoadedModel, residues: tuple[torch.Tensor, ...], pool: _Pool
-                     ) -> str:
-    """Why per_tok states cannot be used, or "" (checked as the pooled rows are)."""
+def _residue_problem(model: LoadedModel, residues: tuple[torch.Tensor, ...],
+                     pool: SequencePool) -> str:
+    """Why per_tok states cannot be used, or "" (checked as the pooled rows are; whether
+    any is non-finite was computed on the device with the batch)."""
     for states in residues:
         if tuple(states.shape) != (pool.length, model.embed_dim):
             return (f"residue states have shape {tuple(states.shape)}, expected "
                     f"{(pool.length, model.embed_dim)}")
-        if not bool(torch.isfinite(states).all()):
-            return (f"residue states have non-finite values (NaN or Inf) in {model.dtype}; "
-                    f"try dtype float32")
+    if residues and pool.bad_residue:
+        return (f"residue states have non-finite values (NaN or Inf) in {model.dtype}; "
+                f"try dtype float32")
     return ""
 
 
-def _problem(model: LoadedModel, rows: tuple[torch.Tensor, ...], pool: _Pool) -> str:
+def _problem(model: LoadedModel, rows: tuple[torch.Tensor, ...], pool: SequencePool) -> str:
     """Why a row cannot be used, or "" when it is fine."""
     if not rows:
         return (f"out of memory on {model.device} even alone ({pool.length} residues); "
@@ -445,9 +429,9 @@ def _problem(model: LoadedModel, rows: tuple[torch.Tensor, ...], pool: _Pool) ->
     for row in rows:
         if tuple(row.shape) != expected:
             return f"embedding has shape {tuple(row.shape)}, expected {expected}"
-        if not bool(torch.isfinite(row).all()):
-            return (f"embedding has non-finite values (NaN or Inf) in {model.dtype}; "
-                    f"try dtype float32")
+    if pool.bad_vector or (pool.bad_residue and (per_residue or pool.coverage is not None)):
+        return (f"embedding has non-finite values (NaN or Inf) in {model.dtype}; "
+                f"try dtype float32")
     return ""
 
 

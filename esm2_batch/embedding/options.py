@@ -14,7 +14,14 @@ from typing import Literal, get_args
 from esm2_batch.embedding.batching import SPECIAL_TOKENS
 from esm2_batch.errors import InputError
 
-__all__ = ["POOLERS", "EmbedOptions", "LongSeqs", "Matrix", "Pooler", "Pooling", "matrix_name"]
+__all__ = ["AUTO_TOKENS", "POOLERS", "EmbedOptions", "LongSeqs", "Matrix", "Pooler", "Pooling",
+           "matrix_name"]
+
+AUTO_TOKENS = -1
+"""``toks_per_batch`` "auto" (also accepted as that string): sized for the device once the
+model is known (`embedding.budget.sized`: from free memory on CUDA, 4,096 elsewhere).
+A number that is never a budget, so the field stays an int that every reader compares
+as one (0 stays an error, as any other non-positive number)."""
 
 Pooling = Literal["mean", "per_residue", "bos"]
 """What a row is: the mean over residues (no BOS/EOS/padding), every residue's state
@@ -37,7 +44,9 @@ overlapping windows over the whole protein."""
 class EmbedOptions:
     """How to embed; defaults are the CLI's.
 
-    toks_per_batch: tokens per forward pass, counting padding, BOS and EOS.
+    toks_per_batch: tokens per forward pass, BOS and EOS included (padding too where an
+        engine pads; the fast engine packs, so there is none); `AUTO_TOKENS` (-1, or the
+        string "auto"): sized for the device when the model is known (budget.py).
     batch_size: at most this many sequences per pass (None: only the token budget).
     truncation: residues kept per protein (window mode: the window length); None: the
         model's own context (1,022 for ESM2, 2,046 for FastESM2, ESM C and ESM3), filled
@@ -60,7 +69,7 @@ class EmbedOptions:
     one-pooler row (what `Embedded.row` holds and esm_all.pt's ``emb`` stores).
     """
 
-    toks_per_batch: int = 4096
+    toks_per_batch: int = AUTO_TOKENS
     batch_size: int | None = None
     truncation: int | None = None
     long_seqs: LongSeqs = "truncate"
@@ -71,7 +80,10 @@ class EmbedOptions:
     per_tok: bool = False
 
     def __post_init__(self) -> None:
-        """Lists from Python callers become tuples, so the object stays hashable."""
+        """Lists from Python callers become tuples, so the object stays hashable; the
+        budget "auto" becomes `AUTO_TOKENS`."""
+        if str(self.toks_per_batch) == "auto":  # typed int: the string comes from Python
+            object.__setattr__(self, "toks_per_batch", AUTO_TOKENS)
         for name in ("repr_layers", "include"):
             value = getattr(self, name)
             if isinstance(value, list):
@@ -107,8 +119,8 @@ class EmbedOptions:
 
     def check_values(self) -> None:
         """What can be checked without the model: run before loading one."""
-        if not _positive_int(self.toks_per_batch):
-            raise InputError(f"toks_per_batch must be a positive integer, not "
+        if self.toks_per_batch != AUTO_TOKENS and not _positive_int(self.toks_per_batch):
+            raise InputError(f"toks_per_batch must be a positive integer or 'auto', not "
                              f"{self.toks_per_batch!r}")
         if self.batch_size is not None and not _positive_int(self.batch_size):
             raise InputError(f"batch_size must be a positive integer or None, not "

@@ -30,6 +30,13 @@ applied through ``cat``-based half rotations, and every layer and the LM head al
   length-sorted batch is mostly never computed;
 - and it stops at the requested layer: the layers above it and the LM head never run.
 
+`forward_packed` is the unpadded path the embedder uses (models/varlen.py): a batch's
+tokens as one [N, E] stream (no padding anywhere: every linear layer, LayerNorm, GELU and
+rotary sees real tokens only), rotary angles by each token's position in its own
+sequence, and attention per sequence without a mask (flash-attn's varlen kernel, SDPA
+over nested jagged tensors, or per-sequence SDPA on the CPU: `varlen.attention_for`).
+The padded `forward` stays for callers holding (B, T) batches.
+
 In fp32 it matches ``ESM2.forward(tokens, repr_layers=[L])["representations"][L]`` to
 ~1e-6 (tests/models/test_esm2_fast.py), at padded positions too unless ``skip_padding``
 asks for zeros there: token-dropout rescaling, padding zeroing and key masking are
@@ -45,6 +52,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +61,7 @@ from torch import nn
 
 from esm2_batch.models.fair_esm import MAX_RESIDUES, rotary_frequencies
 from esm2_batch.models.rotary import rotary_angles, rotary_inv_freq
+from esm2_batch.models.varlen import ATTEND, Attention, AttentionFn, Packing, attention_for
 
 TOKEN_DROPOUT_RATIO = 0.15 * 0.8
 """fair-esm's training mask ratio: at inference embeddings are multiplied by 1 - 0.12 and
@@ -120,6 +129,17 @@ class Block(nn.Module):
         _add_linear_(x, self.attention(self.ln1(x), rotary, mask), self.out)
         return _add_linear_(x, F.gelu(self.fc1(self.ln2(x))), self.fc2)
 
+    def forward_packed(
+        self, x: torch.Tensor, rotary: torch.Tensor, attend: AttentionFn, packing: Packing
+    ) -> torch.Tensor:
+        """(N, E) packed residual stream, updated in place; `rotary` (N, D/2) complex is
+        each token's rotation at its own position."""
+        tokens = x.shape[0]
+        qkv = self.qkv(self.ln1(x)).view(tokens, 3, self.heads, self.head_dim)  # (N, 3, H, D)
+        rotate_(qkv[:, :2], rotary[:, None, None, :])  # q and k, in place
+        _add_linear_(x, attend(qkv, packing).reshape(x.shape), self.out)  # (N, H, D) -> (N, E)
+        return _add_linear_(x, F.gelu(self.fc1(self.ln2(x))), self.fc2)
+
     def attention(
         self, h: torch.Tensor, rotary: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
@@ -166,6 +186,8 @@ class FastESM2(nn.Module):
         self.ln_after = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
         inv_freq = rotary_inv_freq(config.head_dim).expand(config.num_layers, -1)
         self.register_buffer("inv_freq", inv_freq.clone(), persistent=False)  # (L, D/2) fp32
+        self.rotary_rows: tuple[int, ...] = (0,) * config.num_layers
+        """Per layer, the first layer with the same frequencies: one table serves them."""
 
     @classmethod
     def from_fair_esm(cls, module: ESM2) -> FastESM2:
@@ -180,7 +202,11 @@ class FastESM2(nn.Module):
         with torch.device("meta"):
             engine = cls(config)  # no memory allocated for weights about to be replaced
         engine.load_state_dict(convert_state_dict(module.state_dict(), config), assign=True)
-        engine.inv_freq = rotary_frequencies(module).to(module.embed_tokens.weight.device)
+        frequencies = rotary_frequencies(module)
+        engine.inv_freq = frequencies.to(module.embed_tokens.weight.device)
+        engine.rotary_rows = tuple(next(j for j in range(i + 1)
+                                        if torch.equal(frequencies[j], frequencies[i]))
+                                   for i in range(config.num_layers))
         return engine.eval().requires_grad_(False)
 
     @torch.inference_mode()
@@ -239,6 +265,61 @@ class FastESM2(nn.Module):
         for k in (k for k, layer in enumerate(layers) if layer == c.num_layers):
             out[k] = self.ln_after(out[k])
         return out.masked_fill_(padding[None, :, :, None], 0.0) if skip_padding else out
+
+    @torch.inference_mode()
+    def forward_packed(
+        self, tokens: torch.Tensor, packing: Packing, layers: tuple[int, ...],
+        *, attention: Attention | None = None,
+    ) -> torch.Tensor:
+        """(N,) packed tokens (every sequence with its BOS and EOS, no padding) -> (n, N, E)
+        states after each of `layers`, from one pass that stops at the deepest (one
+        layer: no copy). Real positions equal `forward`'s; no padded position exists.
+
+        `attention` picks the mechanism (default `varlen.attention_for` the device and
+        dtype). On CPU the stream runs through the layers in groups of whole sequences of
+        about `CPU_CHUNK_TOKENS` tokens (slices of the stream: no copy), as `forward` does."""
+        c = self.config
+        for layer in layers:
+            if not 0 <= layer <= c.num_layers:
+                raise ValueError(f"layer must be in 0..{c.num_layers}, not {layer}")
+        weights = self.embed_tokens.weight
+        attend = ATTEND[attention or attention_for(weights.device, weights.dtype)]
+        x = self.embed_packed(tokens, packing)  # (N, E)
+        top = max(layers)
+        out = None if len(layers) == 1 else x.new_empty((len(layers), *x.shape))  # (n, N, E)
+        if out is not None:
+            for k in (k for k, layer in enumerate(layers) if layer == 0):
+                out[k] = x
+        tables = {row: rotary_table(self.inv_freq[row], packing.max_len)  # (T, D/2)
+                  for row in set(self.rotary_rows[:top])}
+        cpu = tokens.device.type == "cpu"
+        for rows, part in packing.pieces(CPU_CHUNK_TOKENS if cpu else packing.tokens):
+            rotary = {row: table.index_select(0, part.positions)  # (n, D/2) complex64
+                      for row, table in tables.items()}
+            work = x[rows]  # whole sequences: a contiguous view of the stream
+            for depth, block in enumerate(cast(list[Block], self.layers[:top]), 1):
+                block.forward_packed(work, rotary[self.rotary_rows[depth - 1]], attend, part)
+                if out is not None:
+                    for k in (k for k, layer in enumerate(layers) if layer == depth):
+                        out[k, rows] = work
+        if out is None:
+            return (self.ln_after(x) if top == c.num_layers else x).unsqueeze(0)
+        for k in (k for k, layer in enumerate(layers) if layer == c.num_layers):
+            out[k] = self.ln_after(out[k])
+        return out
+
+    def embed_packed(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """(N,) -> (N, E) embeddings, `embed`'s token-dropout rescaling per sequence
+        (the same operations on the same values: bit-identical at real positions)."""
+        x: torch.Tensor = self.embed_tokens(tokens)  # (N, E)
+        if self.config.token_dropout:
+            masked = tokens.eq(self.config.mask_idx)  # (N,)
+            x = x.masked_fill(masked.unsqueeze(-1), 0.0)
+            counts = x.new_zeros(len(packing.lengths)).index_add_(
+                0, packing.segments, masked.to(x.dtype))  # (B,) masked tokens
+            observed = counts / packing.cu_seqlens.diff()  # (B,)
+            x = x * (1 - TOKEN_DROPOUT_RATIO) / (1 - observed)[packing.segments, None]
+        return x
 
     def embed(self, tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, T, E) embeddings with fair-esm's token-dropout rescaling and

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from esm2_batch.embedding.budget import sized
 from esm2_batch.embedding.options import EmbedOptions, matrix_name
 from esm2_batch.embedding.sequences import clean_sequence
 from esm2_batch.errors import InputError, StoreError
@@ -167,7 +168,7 @@ def run_fasta(inputs: Sequence[Path], *, model: LoadedModel, out_dir: Path | Non
     (default: the model's name) on `device` (default: a GPU where the cluster has one).
     `per_file` (a directory; implies per_tok) also gets one `<label>.pt` per protein, in
     `per_file_format` "tensor" or "esm-extract" (outputs/per_file.py)."""
-    options = (embed or EmbedOptions()).for_model(model.max_residues)
+    options = sized(embed or EmbedOptions(), model)  # truncation and an "auto" budget
     if per_file is not None:
         options = dataclasses.replace(options, per_tok=True)
     outputs = check_fasta_outputs(inputs, out_dir=out_dir, per_file=per_file,

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from esm2_batch.embedding.budget import budget_meta, sized
 from esm2_batch.embedding.options import Matrix, matrix_name
 from esm2_batch.errors import EnsemblError, ModelError, StoreError
 from esm2_batch.models import LoadedModel
@@ -132,7 +133,7 @@ class GeneRun:
         self.model = model or self._load_model()
         # an unset --truncation is the model's own context (1,022 ESM2, 2,046 FastESM2/ESM C)
         self.config = config = replace(
-            config, embed=config.embed.for_model(self.model.max_residues))
+            config, embed=sized(config.embed, self.model))  # and an "auto" budget sized
         check_budget(config, self.model)
         self.settings = run_settings(config, self.model)
         self.matrices = matrix_keys(config, self.model)
@@ -386,6 +387,7 @@ class GeneRun:
             **self.settings, "settings": self.settings, "dtype": "float16",
             "isoforms_set": self.config.source.isoforms_set,
             "compute_dtype": str(model.dtype).removeprefix("torch."), "engine": self._engines(),
+            "budget": budget_meta(model, self.config.embed),
             "aliases": aliases,
             "status": status,
             "incomplete": sum(s == "incomplete" for s in status.values()),

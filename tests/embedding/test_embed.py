@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from esm2_batch.embedding import embed
+from esm2_batch.embedding.batch import DeviceBatch, HostBatch
 from esm2_batch.embedding.batching import plan_windows
 from esm2_batch.embedding.embed import Embedded, embed_sequences, iter_embeddings
 from esm2_batch.embedding.sequences import clean_sequence
 from esm2_batch.errors import EmbeddingError, InputError
-from esm2_batch.models import LoadedModel, load_model, representations
+from esm2_batch.models import LoadedModel, load_model
+from tests.embedding.launches import first_residue_rows, on_launch
 from tests.fakes.tiny_esm import fair_esm_states, write_tiny_checkpoint
 from tests.tolerance import tolerance
 
@@ -57,15 +59,10 @@ def proteins() -> list[str]:
 
 
 @pytest.fixture
-def spy(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
-    """Every token batch the embedder sends to the model."""
-    sent: list[torch.Tensor] = []
-
-    def recording(model: LoadedModel, tokens: torch.Tensor, *, layer: int) -> torch.Tensor:
-        sent.append(tokens.clone())
-        return representations(model, tokens, layer=layer)
-
-    monkeypatch.setattr(embed, "representations", recording)
+def spy(monkeypatch: pytest.MonkeyPatch) -> list[HostBatch]:
+    """Every launch the embedder sends to the model."""
+    sent: list[HostBatch] = []
+    on_launch(monkeypatch, lambda model, batch, layers: sent.append(batch.host))
     return sent
 
 
@@ -157,10 +154,10 @@ def test_window_equals_truncate_when_it_fits(model: LoadedModel, proteins: list[
         assert torch.equal(a, b)
 
 
-def test_duplicates_embedded_once(model: LoadedModel, spy: list[torch.Tensor]) -> None:
+def test_duplicates_embedded_once(model: LoadedModel, spy: list[HostBatch]) -> None:
     seqs = ["MKVLA", "mkvla", "MKVLA*", ("other", "GGGG"), "MKVLA"]
     rows = embed_sequences(model, seqs)
-    assert sum(t.shape[0] for t in spy) == 2
+    assert sum(batch.size for batch in spy) == 2
     assert all(torch.equal(rows[0], rows[i]) for i in (1, 2, 4))
     assert not torch.equal(rows[0], rows[3])
 
@@ -171,13 +168,12 @@ def test_oom_splits_batch_and_reports_lone_failure_by_name(
 ) -> None:
     widths: list[int] = []
 
-    def small_gpu(loaded: LoadedModel, tokens: torch.Tensor, *, layer: int) -> torch.Tensor:
-        widths.append(tokens.shape[0])
-        if tokens.numel() > 150:
+    def small_gpu(loaded: LoadedModel, batch: DeviceBatch, layers: tuple[int, ...]) -> None:
+        widths.append(batch.host.size)
+        if batch.host.token_count > 150:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        return representations(loaded, tokens, layer=layer)
 
-    monkeypatch.setattr(embed, "representations", small_gpu)
+    on_launch(monkeypatch, small_gpu)
     rng = random.Random(11)
     seqs = [(f"p{i}", "".join(rng.choices(AMINO, k=40))) for i in range(6)]
     seqs.insert(3, ("titan", "M" * 200))
@@ -201,13 +197,17 @@ def test_non_finite_row_names_sequence(
     model: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     poison = model.alphabet.get_idx("W")
+    forward = embed.forward_states
 
-    def overflowing(model: LoadedModel, tokens: torch.Tensor, *, layer: int) -> torch.Tensor:
-        states = representations(model, tokens, layer=layer).clone()
-        states[tokens[:, 1] == poison, 2] = float("nan")
+    def overflowing(model: LoadedModel, batch: DeviceBatch, layers: tuple[int, ...]
+                    ) -> torch.Tensor:
+        states = forward(model, batch, layers).clone()  # (n, rows, E)
+        first = first_residue_rows(batch)
+        poisoned = first[batch.tokens.flatten()[first] == poison]
+        states[:, poisoned + 1, 2] = float("nan")  # the second residue's third channel
         return states
 
-    monkeypatch.setattr(embed, "representations", overflowing)
+    monkeypatch.setattr(embed, "forward_states", overflowing)
     results = {r.name: r for r in iter_embeddings(model, [("good", "MKV"), ("bad", "WKV")])}
     assert results["good"].ok
     assert not results["bad"].ok and "non-finite" in str(results["bad"].error)
@@ -220,7 +220,7 @@ def test_non_finite_row_names_sequence(
     ("AC-K", "-", 3), ("ACK.", ".", 4), ("ACé", "é", 3), ("AC\n", "\n", 3),
 ])
 def test_bad_letters_rejected_before_model_work(
-    model: LoadedModel, spy: list[torch.Tensor], seq: str, char: str, position: int
+    model: LoadedModel, spy: list[HostBatch], seq: str, char: str, position: int
 ) -> None:
     with pytest.raises(InputError) as info:
         embed_sequences(model, ["MKV", ("P12345", seq)])
@@ -248,15 +248,15 @@ def test_bad_options(model: LoadedModel, options: dict[str, object]) -> None:
 
 
 def test_oversize_sequence_is_reported_not_run(
-    model: LoadedModel, spy: list[torch.Tensor]
+    model: LoadedModel, spy: list[HostBatch]
 ) -> None:
     seqs = [("short", "MKV"), ("long", "A" * 200)]
     with pytest.raises(InputError, match=r"long.*need up to 202 tokens.*toks_per_batch is 100"):
         embed_sequences(model, seqs, toks_per_batch=100)
     assert spy == []
     assert embed_sequences(model, seqs, toks_per_batch=100, truncation=90).shape[0] == 2
-    for tokens in spy:
-        assert tokens.numel() <= 100
+    for batch in spy:
+        assert batch.token_count <= 100
 
 
 def test_iter_validates_eagerly_and_yields_each_input_once(

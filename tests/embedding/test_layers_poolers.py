@@ -15,6 +15,7 @@ from esm2_batch.embedding.embed import embed_sequences, iter_embeddings
 from esm2_batch.embedding.options import EmbedOptions
 from esm2_batch.errors import InputError
 from esm2_batch.models import LoadedModel, layer_states, load_model, representations
+from tests.embedding.launches import on_launch
 from tests.fakes.tiny_esm import fair_esm_states, write_tiny_checkpoint
 from tests.tolerance import tolerance
 
@@ -75,13 +76,7 @@ def test_one_forward_serves_every_layer(
     any_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[tuple[int, ...]] = []
-
-    def counting(model: LoadedModel, tokens: torch.Tensor, *, layers: tuple[int, ...]
-                 ) -> torch.Tensor:
-        calls.append(layers)
-        return layer_states(model, tokens, layers=layers)
-
-    monkeypatch.setattr(embed, "layer_states", counting)
+    on_launch(monkeypatch, lambda model, batch, layers: calls.append(layers))
     results = list(iter_embeddings(any_model, proteins(5), repr_layers=(2, 0, -1),
                                    include=("max",)))
     assert calls == [(2, 0, 3)]  # one batch, one forward, absolute layers
@@ -137,8 +132,7 @@ def test_bad_layers_and_poolers_fail_before_any_work(
     any_model: LoadedModel, options: dict[str, object], message: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(embed, "layer_states", None)  # any forward would raise TypeError
-    monkeypatch.setattr(embed, "representations", None)
+    monkeypatch.setattr(embed, "forward_states", None)  # any forward would raise TypeError
     with pytest.raises(InputError, match=message) as info:
         embed_sequences(any_model, ["MKV"], **options)  # type: ignore[arg-type]
     assert "\n" not in str(info.value)
