@@ -9,7 +9,7 @@ resume state, 130 interrupted, 143 terminated. The flags themselves are in cli_f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -18,11 +18,13 @@ from esm2_batch.cli_flags import (
     BatchSize,
     CacheDir,
     Device,
+    DryRun,
     DtypeOpt,
     EngineOpt,
     GenePooling,
     Include,
     IsoformsSetOpt,
+    JsonOut,
     LongSeqsOpt,
     ModelPath,
     ModelSize,
@@ -54,6 +56,9 @@ from esm2_batch.embedding.options import AUTO_TOKENS  # no torch: the CLI starts
 from esm2_batch.errors import (
     InputError,
 )
+
+if TYPE_CHECKING:
+    from esm2_batch.run.dry_run import DryRunPlan
 
 
 class _Group(typer.core.TyperGroup):
@@ -145,6 +150,8 @@ def main(
         "prev_symbol, alias_symbol, ensembl_gene_id) for outdated symbols.")] = None,
     cache_dir: CacheDir = None,
     no_cache: NoCache = False,
+    dry_run: DryRun = False,
+    json_out: JsonOut = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -181,7 +188,14 @@ def main(
             output=OutputOptions(out=out, overwrite=overwrite, save_isoforms=save_isoforms,
                                  write_h5ad=write_h5ad,
                                  gene_pooling=parse_gene_pooling(gene_pooling), strict=strict))
+        if dry_run:
+            from esm2_batch.run.dry_run import dry_run_genes
+
+            return _print_plan(dry_run_genes(config), json_out, quiet)
         summary = run(config)
+        from esm2_batch.run.dry_run import estimate_line
+
+        summary.estimate = estimate_line(summary, config.model, config.embed)
         for line in summary.lines():
             say(line, quiet)
         if summary.not_found:
@@ -222,6 +236,8 @@ def fasta(
     ray_actors: RayActors = None,
     cache_dir: CacheDir = None,
     no_cache: NoCache = False,
+    dry_run: DryRun = False,
+    json_out: JsonOut = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -241,6 +257,12 @@ def fasta(
                              include=parse_poolers(include), per_tok=parse_per_tok(include))
         loader = ModelOptions(model=source, device=device, engine=parse_engine(engine),
                               backend=backend, dtype=parse_dtype(dtype))
+        if dry_run:
+            from esm2_batch.run.dry_run import dry_run_fasta
+
+            return _print_plan(dry_run_fasta(inputs, model=loader, embed=embed,
+                                             out_dir=out_dir, cache=not no_cache),
+                               json_out, quiet)
         # flag values, then every output: one line before the model loads
         check_fasta_outputs(inputs, out_dir=out_dir, per_file=per_file,
                             per_file_format=per_file_format, overwrite=overwrite,
@@ -404,6 +426,17 @@ def cache_prune(
 
 app.command("inspect")(guarded_command(inspect_command))
 app.command("report")(guarded_command(report_command))
+
+
+def _print_plan(plan: DryRunPlan, json_out: bool, quiet: bool) -> None:
+    """A --dry_run's plan (run/dry_run.py's DryRunPlan): one JSON object, or its lines."""
+    if json_out:
+        import json
+
+        typer.echo(json.dumps(plan.as_dict()))
+        return
+    for line in plan.lines():
+        say(line, quiet)
 
 
 def _model_name(model_path: Path | None, model_size: str) -> str:

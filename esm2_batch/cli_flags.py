@@ -118,6 +118,12 @@ IsoformsSetOpt = Annotated[str, option(
     "--isoforms_set", help="all (every isoform of --biotypes) or canonical (only each gene's "
     "canonical isoform: one row per gene, fetched and embedded alone; a later 'all' run "
     "reuses those rows).")]
+DryRun = Annotated[bool, option(
+    "--dry_run", help="Fetch (or read) the isoforms, load no weights, embed and write "
+    "nothing (but --save_isoforms): print the plan (genes, sequences, tokens, what earlier "
+    "work holds) and the estimated embedding time on --device.")]
+JsonOut = Annotated[bool, option("--json", help="With --dry_run: print the plan as one "
+                                 "JSON object.")]
 
 
 Choice = TypeVar("Choice", bound=str)

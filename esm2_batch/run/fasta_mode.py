@@ -67,8 +67,8 @@ from esm2_batch.store.residues import (
 )
 from esm2_batch.version import package_version
 
-__all__ = ["FAILURE_LOG", "FastaResult", "check_fasta_outputs", "fasta_output",
-           "fasta_settings", "residues_dir", "run_fasta"]
+__all__ = ["FAILURE_LOG", "FastaResult", "check_fasta_outputs", "clean_records",
+           "fasta_output", "fasta_settings", "residues_dir", "run_fasta"]
 
 log = logging.getLogger("esm2_batch")
 
@@ -276,7 +276,7 @@ class _FastaJob:
             _log_failures(result, [("-", str(exc))])
             result.failed = 1
             return
-        valid, failures = _clean(records)
+        valid, failures = clean_records(records)
         rows, failed, result.cached = self._embed(valid, residues_dir(result.out))
         failures += failed
         keys = self.keys
@@ -339,7 +339,7 @@ class _FastaJob:
                              keep_rows=True)
 
 
-def _clean(records: list[tuple[str, str]]) -> tuple[list[tuple[str, str]],
+def clean_records(records: list[tuple[str, str]]) -> tuple[list[tuple[str, str]],
                                                      list[tuple[str, str]]]:
     """(label, cleaned sequence) pairs, and (label, error) of the records that fail."""
     valid: list[tuple[str, str]] = []

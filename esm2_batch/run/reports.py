@@ -212,6 +212,7 @@ class RunSummary:
     fetch_s: float = 0.0
     embed_s: float = 0.0
     wall_s: float = 0.0
+    estimate: str | None = None  # "estimated X, measured Y" (run/dry_run.estimate_line)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -246,6 +247,7 @@ class RunSummary:
             f"tokens embedded: {self.tokens}, failed sequences: {len(self.failed)}",
             f"wall: fetch {self.fetch_s:.1f} s, embed {self.embed_s:.1f} s, "
             f"total {self.wall_s:.1f} s; {self.tokens_per_s:.0f} tokens/s",
+            *([self.estimate] if self.estimate else []),
             f"wrote {self.out}",
             *self._side_file_lines(),
         ]
