@@ -154,8 +154,16 @@ class Positions:
 
     def __init__(self, layer: nn.Module | None) -> None:
         self.calls: list[int] = []
+        self._layer = layer
         self._handle = (None if layer is None else
                         layer.register_forward_pre_hook(self._seen, with_kwargs=True))
+        packed = getattr(layer, "forward_packed", None)
+        if layer is not None and callable(packed):  # the packed engine calls it directly,
+            def counted(*args: Any, **kwargs: Any) -> Any:  # so no forward hook fires
+                self._seen(layer, args, kwargs)
+                return packed(*args, **kwargs)
+
+            layer.forward_packed = counted  # type: ignore[method-assign]
 
     def _seen(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
               ) -> None:
@@ -177,6 +185,8 @@ class Positions:
     def remove(self) -> None:
         if self._handle is not None:
             self._handle.remove()
+        if self._layer is not None and "forward_packed" in vars(self._layer):
+            del self._layer.forward_packed  # back to the class's method
 
 
 def positions(states: torch.Tensor) -> int:
