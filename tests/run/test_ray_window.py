@@ -32,10 +32,12 @@ AMINO = "ACDEFGHIKLMNPQRSTVWY"
 
 @pytest.fixture(autouse=True)
 def small_windows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Windows of 8 sequences, tasks of 4, two tasks per actor in flight."""
+    """Windows of 8 sequences, tasks of 4, two tasks per actor in flight; actors get the
+    conftest's 10 minutes to start (this patch replaces that one, so it says it again: a
+    loaded 2-core machine took over the stage's 120 s)."""
     monkeypatch.setattr(ray_stage, "RayOptions", functools.partial(
         RayOptions, rows_per_task=ROWS_PER_TASK, window_rows=WINDOW,
-        tasks_per_actor=TASKS_PER_ACTOR))
+        tasks_per_actor=TASKS_PER_ACTOR, start_timeout_s=600.0))
 
 
 def genes(count: int, seed: int = 0) -> list[list[tuple[str, str]]]:
