@@ -202,17 +202,7 @@ def test_gene_mode_keeps_every_row_embedded_before_sigterm(
 
     asked, _ = embedded_by(args, monkeypatch)
     assert len(asked) == inputs.sequences - len(kept)  # the rest, and only the rest
-    clean = make_config(hvg_file=inputs.hvg, isoforms=inputs.isoforms,
-                        out=tmp_path / "clean.pt", progress=False, toks_per_batch=1024,
-                        cache=False)
-    model = load_model(inputs.checkpoint, device="cpu")
-    run(clean, model=model)
-    resumed, reference = read_esm_file(out), read_esm_file(clean.out)
-    assert resumed.protein_ids == reference.protein_ids
-    assert resumed.gene_to_isoform_indices == reference.gene_to_isoform_indices
-    limit = stored_tolerance(torch.float16, magnitude=float(reference.emb.float().abs().max()),
-                             terms=4 * model.embed_dim, depth=model.num_layers)
-    assert (resumed.emb.float() - reference.emb.float()).abs().max() <= limit
+    assert_equals_a_clean_run(inputs, out, tmp_path / "clean.pt")
 
 
 @pytest.mark.slow
@@ -246,3 +236,19 @@ def test_fasta_mode_keeps_every_row_embedded_before_ctrl_c_in_the_row_cache(
                       magnitude=max(float(r.abs().max()) for r in expected["data"]))
     for got, want in zip(resumed["data"], expected["data"], strict=True):
         assert (got - want).abs().max() <= limit
+
+
+def assert_equals_a_clean_run(inputs: Inputs, out: Path, clean_out: Path) -> None:
+    """The resumed esm_all.pt at `out` equals an uninterrupted run of the same inputs:
+    the same rows in the same order, values within float16 storage of the same compute."""
+    clean = make_config(hvg_file=inputs.hvg, isoforms=inputs.isoforms, out=clean_out,
+                        progress=False, toks_per_batch=1024, cache=False)
+    model = load_model(inputs.checkpoint, device="cpu")
+    run(clean, model=model)
+    resumed, reference = read_esm_file(out), read_esm_file(clean.out)
+    assert not partial_dir(out).exists()
+    assert resumed.protein_ids == reference.protein_ids
+    assert resumed.gene_to_isoform_indices == reference.gene_to_isoform_indices
+    limit = stored_tolerance(torch.float16, magnitude=float(reference.emb.float().abs().max()),
+                             terms=4 * model.embed_dim, depth=model.num_layers)
+    assert (resumed.emb.float() - reference.emb.float()).abs().max() <= limit

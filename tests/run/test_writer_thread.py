@@ -20,17 +20,18 @@ from esm2_batch.cli import app
 from esm2_batch.embedding.embed import Embedded
 from esm2_batch.embedding.options import EmbedOptions
 from esm2_batch.errors import StoreError
-from esm2_batch.models import LoadedModel, load_model
+from esm2_batch.models import LoadedModel
 from esm2_batch.run import stages
-from esm2_batch.run.gene_mode import partial_dir, run
 from esm2_batch.run.row_writer import Handoff
 from esm2_batch.run.stages import ThreadStage
 from esm2_batch.store.cache import RowCache
-from esm2_batch.store.esm_file import read_esm_file
 from esm2_batch.store.keys import RowKeys
-from tests.run.flat import make_config
-from tests.run.test_interrupt import embedded_by, gene_inputs, stored_keys
-from tests.tolerance import stored_tolerance
+from tests.run.test_interrupt import (
+    assert_equals_a_clean_run,
+    embedded_by,
+    gene_inputs,
+    stored_keys,
+)
 
 SEQS = ["MKTAYIAKQRQISFVKSHFSRQLEERLGLI", "MLSDEDFKAVFGMTRSAFANLPLWKQQNLK",
         "MAAAAGGGKKLLPEPTIDEWWRRSTTQQNN"]
@@ -217,14 +218,4 @@ def test_disk_full_in_the_writer_is_exit_6_one_line_and_the_rerun_completes(
 
     asked, _ = embedded_by(args, monkeypatch)  # space freed
     assert len(asked) == inputs.sequences - len(kept)
-    clean = make_config(hvg_file=inputs.hvg, isoforms=inputs.isoforms,
-                        out=tmp_path / "clean.pt", progress=False, toks_per_batch=1024,
-                        cache=False)
-    model = load_model(inputs.checkpoint, device="cpu")
-    run(clean, model=model)
-    resumed, reference = read_esm_file(out), read_esm_file(clean.out)
-    assert not partial_dir(out).exists()
-    assert resumed.protein_ids == reference.protein_ids
-    limit = stored_tolerance(torch.float16, magnitude=float(reference.emb.float().abs().max()),
-                             terms=4 * model.embed_dim, depth=model.num_layers)
-    assert (resumed.emb.float() - reference.emb.float()).abs().max() <= limit
+    assert_equals_a_clean_run(inputs, out, tmp_path / "clean.pt")
