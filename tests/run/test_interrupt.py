@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,18 +56,26 @@ def _chunks(out: Path) -> int:
 def _interrupt_once_rows_grow(args: list[str], out: Path, sig: signal.Signals) -> None:
     """Start the CLI, send `sig` once a new rows chunk appears, check how it ended."""
     before = _chunks(out)
-    proc = subprocess.Popen(_cli(*args), cwd=ROOT, env=_single_threaded_env(),
+    _signal_when(_cli(*args), lambda: _chunks(out) > before, sig, wait_s=60,
+                 why="the run finished before it could be interrupted")
+    assert not out.exists()
+
+
+def _signal_when(command: list[str], ready: Callable[[], bool], sig: signal.Signals, *,
+                 wait_s: float, why: str) -> None:
+    """Run `command`, send `sig` once `ready()` (an event the run wrote, polled), and check
+    the one line and exit code the signal must give."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=_single_threaded_env(),
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and _chunks(out) <= before and proc.poll() is None:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
         time.sleep(0.01)
-    assert proc.poll() is None, "the run finished before it could be interrupted"
+    assert proc.poll() is None, why
     os.kill(proc.pid, sig)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=wait_s)
     code, line = EXPECTED[sig]
     assert proc.returncode == code, stderr
     assert stderr.strip() == line
-    assert not out.exists()
 
 
 @pytest.mark.slow
@@ -150,18 +158,8 @@ def logged(log: Path, kind: str) -> list[str]:
 
 def interrupt_when_held(args: list[str], log: Path, sig: signal.Signals) -> None:
     """Run the held CLI, send `sig` once it holds, check the one line and exit code."""
-    proc = subprocess.Popen(gated(log, *args, hold=HOLD), cwd=ROOT,
-                            env=_single_threaded_env(), stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while (time.monotonic() < deadline and proc.poll() is None
-           and not logged(log, "held")):
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it was held"
-    os.kill(proc.pid, sig)
-    _, stderr = proc.communicate(timeout=120)
-    code, line = EXPECTED[sig]
-    assert proc.returncode == code, stderr
-    assert stderr.strip() == line
+    _signal_when(gated(log, *args, hold=HOLD), lambda: logged(log, "held"), sig, wait_s=120,
+                 why="the run ended before it was held")
 
 
 def stored_keys(out: Path) -> set[str]:
