@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from esm2_batch.errors import StoreError
+from esm2_batch.errors import StoreError, first_line
 
 __all__ = ["atomic_copy", "atomic_json", "atomic_path", "atomic_save", "atomic_text",
            "atomic_write", "check_writable", "disk_errors", "file_mode", "human_bytes"]
@@ -231,12 +231,19 @@ def _sync_dir(directory: Path) -> None:
 def check_writable(path: Path, *, flag: str, example: str) -> None:
     """Fail before any work, naming the flag, if `path` cannot be written as a file
     (a StoreError: exit 6, like every output problem)."""
-    if path.is_dir():
-        raise StoreError(f"{path}: is a directory; {flag} takes a file name like {example}")
-    parent = path.resolve().parent
-    if not parent.is_dir():
+    parent = path.absolute().parent
+    try:  # a directory on the way that cannot be entered raises here, not ENOENT
+        if path.is_dir():
+            raise StoreError(f"{path}: is a directory; {flag} takes a file name like "
+                             f"{example}")
+        parent = path.resolve().parent
+        exists = parent.is_dir()
+    except OSError as exc:
+        raise StoreError(f"{parent}: the output directory cannot be entered "
+                         f"({first_line(exc)}); choose another {flag}") from None
+    if not exists:
         raise StoreError(f"{parent}: the output directory does not exist; create it or "
                          f"choose another {flag}")
-    if not os.access(parent, os.W_OK):
+    if not os.access(parent, os.W_OK | os.X_OK):  # creating a file needs both
         raise StoreError(f"{parent}: the output directory is not writable; choose another "
                          f"{flag}")

@@ -342,3 +342,18 @@ def test_check_writable_message_for_an_unwritable_parent(tmp_path: Path,
     with pytest.raises(StoreError) as error:
         check_writable(tmp_path / "esm_all.pt", flag="--save_isoforms", example="iso.fa")
     _one_line_naming(error, tmp_path, "--save_isoforms")
+
+
+def test_check_writable_names_a_directory_that_cannot_be_entered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An output under a directory the user cannot enter (mode 0500 of another owner): the
+    stat itself fails with EACCES, which pathlib does not swallow. One line, not a trace."""
+    out = tmp_path / "locked" / "esm_all.pt"
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "is_dir", refuse)
+    with pytest.raises(StoreError, match="cannot be entered") as error:
+        check_writable(out, flag="--out", example="esm_all.pt")
+    _one_line_naming(error, tmp_path / "locked", "--out")
