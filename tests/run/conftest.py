@@ -3,28 +3,44 @@
 from __future__ import annotations
 
 import functools
-import os
+import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import pytest
 
+from esm2_batch.run.ray_cluster import local_environment
 
-@pytest.fixture(scope="module")
-def ray_cluster(request: pytest.FixtureRequest) -> Iterator[None]:
+
+@pytest.fixture
+def ray_cluster() -> None:
     """One small local cluster (starting one costs seconds): 2 CPUs, 80 MB of object
-    store, token authentication off (it listens on this machine only). Modules that use
-    it one after another share it; it is shut down after the last of them, so no other
-    test runs beside an idle cluster."""
+    store, started as `--ray local` starts one (auth off, workers not niced). Consecutive
+    tests that use it share it; it is shut down after the last of them (the teardown hook
+    below), so no other test runs beside an idle cluster."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        os.environ["RAY_AUTH_MODE"] = "disabled"
+        local_environment()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20,
                      log_to_driver=False, configure_logging=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item,
+                            nextitem: pytest.Item | None) -> Generator[None, None, None]:
+    """Shut the cluster down after a test that used it (after its own fixtures' teardown,
+    which may still kill actors) unless the next test this process runs uses it too.
+    pytest's `nextitem` is the one this process runs next, also under pytest-xdist, where
+    the collection order says nothing about a worker's order."""
     yield
-    if not _next_module_wants_it(request):
+    if "ray_cluster" not in getattr(item, "fixturenames", ()):
+        return
+    if nextitem is not None and "ray_cluster" in getattr(nextitem, "fixturenames", ()):
+        return
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
         ray.shutdown()
 
 
@@ -39,11 +55,3 @@ def patient_actor_start(request: pytest.FixtureRequest,
 
         monkeypatch.setattr(ray_stage, "RayOptions",
                             functools.partial(ray_stage.RayOptions, start_timeout_s=600.0))
-
-
-def _next_module_wants_it(request: pytest.FixtureRequest) -> bool:
-    """Whether the test right after this module's last one uses the cluster too."""
-    items = request.session.items
-    ours = [i for i, item in enumerate(items) if getattr(item, "module", None) is request.module]
-    following = items[ours[-1] + 1:ours[-1] + 2] if ours else []
-    return any("ray_cluster" in item.fixturenames for item in following)
