@@ -60,9 +60,10 @@ def synchronize(device: torch.device) -> None:
 
 def release(device: torch.device) -> None:
     """Collect garbage and hand cached GPU blocks back, so the next contender starts
-    from what is really allocated."""
-    gc.collect()
+    from what is really allocated (peak memory is read on CUDA only: on the CPU a full
+    collection of a heap holding transformers costs 0.2 s and frees nothing measured)."""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 
