@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -75,3 +76,24 @@ def unprivileged(tmp_path: Path) -> Iterator[Unprivileged]:
         yield Unprivileged(root, as_nobody=True)
     finally:
         shutil.rmtree(root)  # root removes whatever the test locked
+
+
+
+RAY_MODULES = "tests/run/test_ray_"
+"""The modules whose tests share one local Ray cluster (tests/run/conftest.py)."""
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, called where it runs
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under pytest-xdist, every Ray test runs on one worker, in order: they share one
+    cluster, and two clusters side by side on a 2-core machine only slow each other
+    down. Any other test goes wherever a worker is free. (xdist's own --dist loadgroup
+    does this by marks, but it renames the test ids through an attribute pytest 9.2 no
+    longer reads, so its groups are silently ignored.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayTogether(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return "ray" if nodeid.startswith(RAY_MODULES) else nodeid
+
+    return RayTogether(config, log)
