@@ -314,7 +314,10 @@ def export(
         from esm2_batch.outputs.export import export_format, export_genes
         from esm2_batch.outputs.h5 import export_h5
 
-        if export_format(fmt, out) == "h5":
+        chosen = export_format(fmt, out)
+        refuse_other_formats_flags(chosen, h5_only={"--h5_dtype": h5_dtype, "--layer": layer},
+                                   genes_only={"--gene_pooling": gene_pooling != "canonical"})
+        if chosen == "h5":
             if include_missing:
                 raise InputError("--include_missing keeps genes without protein as zero rows "
                                  "in npz and parquet; h5 holds one dataset per protein id, "
@@ -332,6 +335,19 @@ def export(
             say(line, quiet)
 
     guarded(work)
+
+
+def refuse_other_formats_flags(chosen: str, *, h5_only: dict[str, object],
+                               genes_only: dict[str, object]) -> None:
+    """A flag that does nothing for the chosen format is refused in one line, not dropped:
+    `--layer 20` on an npz export would otherwise write the default and say nothing."""
+    wrong = h5_only if chosen != "h5" else genes_only
+    given = [flag for flag, value in wrong.items() if value not in (None, False)]
+    if given:
+        where = "--format h5" if chosen != "h5" else "gene exports (saturn, npz, parquet)"
+        verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
+        raise InputError(f"{', '.join(given)} {verb} only to {where}; this export writes "
+                         f"{chosen}: drop {them} or change --format")
 
 
 @app.command("download")

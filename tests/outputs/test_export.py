@@ -194,6 +194,13 @@ def test_include_missing_is_refused_with_saturn(tmp_path: Path, esm: EsmFile) ->
      ["--include_missing"]),
     (["{esm}", "--out", "{tmp}/r.h5", "--include_missing"], ["--include_missing", "h5"]),
     (["{esm}", "--out", "{tmp}/x.npz", "--key", "emb_max_layer9"], ["no matrix"]),
+    # a flag of another format is refused, not dropped (it was ignored without a word)
+    (["{esm}", "--out", "{tmp}/x.npz", "--layer", "20"],
+     ["--layer applies only to --format h5", "writes npz"]),
+    (["{esm}", "--out", "{tmp}/x.parquet", "--h5_dtype", "float32", "--layer", "1"],
+     ["--h5_dtype, --layer apply only to --format h5", "writes parquet"]),
+    (["{esm}", "--out", "{tmp}/r.h5", "--gene_pooling", "mean"],
+     ["--gene_pooling applies only to gene exports", "writes h5"]),
 ])
 def test_cli_bad_export_inputs_exit_2_in_one_line(tmp_path: Path, esm_path: Path,
                                                   args: list[str], needles: list[str]) -> None:
