@@ -38,8 +38,8 @@ from esm2_batch.embedding.batching import SPECIAL_TOKENS
 from esm2_batch.embedding.options import AUTO_TOKENS, EmbedOptions
 from esm2_batch.models import LoadedModel
 
-__all__ = ["AUTO_TOKENS", "CPU_TOKENS", "MAX_AUTO_TOKENS", "AutoSize", "budget_meta",
-           "bytes_per_token", "launch_limit", "overflowed", "sized"]
+__all__ = ["AUTO_TOKENS", "CPU_TOKENS", "MAX_AUTO_TOKENS", "AutoSize", "as_requested",
+           "budget_meta", "bytes_per_token", "launch_limit", "overflowed", "sized"]
 
 CPU_TOKENS = 4096
 """The budget "auto" gives off CUDA (the CLI's fixed default before "auto")."""
@@ -111,6 +111,18 @@ def sized(options: EmbedOptions, model: LoadedModel) -> EmbedOptions:
     return replace(options, toks_per_batch=state.resolved)
 
 
+def as_requested(options: EmbedOptions, model: LoadedModel) -> EmbedOptions:
+    """`options` as the user asked them: "auto" back where `sized` filled in `model`'s
+    device's budget. For a model on another device, which sizes its own: a Ray actor on
+    a GPU must not inherit the 4,096 tokens a GPU-less driver's "auto" became. (Per
+    model, as `sized` keeps it: a number equal to what "auto" already became on this
+    model in this process counts as "auto".)"""
+    state = _state(model)
+    if state.requested == AUTO_TOKENS and options.toks_per_batch == state.resolved:
+        return replace(options, toks_per_batch=AUTO_TOKENS)
+    return options
+
+
 def auto_size(free: int, per_token: int, *, longest: int) -> AutoSize:
     """The budget `free` bytes hold at `per_token` bytes a token: capped, and at least
     the `longest` sequence's tokens (a device that cannot hold one fails it by name)."""
@@ -157,12 +169,20 @@ def overflowed(model: LoadedModel, tokens: int) -> None:
     state.overflows += 1
 
 
-def budget_meta(model: LoadedModel, options: EmbedOptions) -> dict[str, Any]:
+def budget_meta(model: LoadedModel, options: EmbedOptions,
+                actors: dict[str, int] | None = None) -> dict[str, Any]:
     """meta["budget"]: the tokens planned per batch, whether "auto" chose them (and from
-    what), and the launch limit an overflow left (None: none happened)."""
+    what), and the launch limit an overflow left (None: none happened). With `actors`
+    (Ray: actor tag -> the budget it planned with), theirs: the rows came from them, and
+    the driver's own sizing (often a GPU-less machine's 4,096) planned none."""
     state = _state(model)
     auto = state.requested == AUTO_TOKENS
-    return {"toks_per_batch": options.toks_per_batch,
-            "requested": "auto" if auto else state.requested,
-            "auto": state.auto.meta() if auto and state.auto is not None else None,
-            "launch_limit": state.limit, "overflows": state.overflows}
+    out = {"toks_per_batch": options.toks_per_batch,
+           "requested": "auto" if auto else state.requested,
+           "auto": state.auto.meta() if auto and state.auto is not None else None,
+           "launch_limit": state.limit, "overflows": state.overflows}
+    if actors:
+        out.update(toks_per_batch=max(actors.values()), auto=None, launch_limit=None,
+                   overflows=None, sized_on="each Ray actor's device",
+                   actors=dict(sorted(actors.items())))
+    return out

@@ -131,6 +131,7 @@ class GeneRun:
         self.genes = Genes.read(config, self.source)
         check_outputs(config, self.genes)
         self.model = model or self._load_model()
+        self.actor_budgets: dict[str, int] | None = None  # Ray: what each actor planned with
         # an unset --truncation is the model's own context (1,022 ESM2, 2,046 FastESM2/ESM C)
         self.config = config = replace(
             config, embed=sized(config.embed, self.model))  # and an "auto" budget sized
@@ -301,6 +302,8 @@ class GeneRun:
         self._refuse_if_nothing_found(genes)
         if note := synonym_note(chosen.values()):  # SEPT5 -> SEPTIN5, ...
             self.summary.notes.append(note)
+        stats = getattr(stage, "stats", None)  # a Ray stage's: each actor sized its budget
+        self.actor_budgets = getattr(stats, "budgets", None)
         data = assemble(genes, chosen, self.store.row_chunks(), keys=self.keys,
                         dim=self.model.embed_dim, meta=self._meta(genes, chosen, aliases),
                         reused=self.reused, matrices=list(self.matrices))
@@ -387,7 +390,7 @@ class GeneRun:
             **self.settings, "settings": self.settings, "dtype": "float16",
             "isoforms_set": self.config.source.isoforms_set,
             "compute_dtype": str(model.dtype).removeprefix("torch."), "engine": self._engines(),
-            "budget": budget_meta(model, self.config.embed),
+            "budget": budget_meta(model, self.config.embed, self.actor_budgets),
             "aliases": aliases,
             "status": status,
             "incomplete": sum(s == "incomplete" for s in status.values()),

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from esm2_batch.embedding.budget import sized
 from esm2_batch.embedding.embed import embed_rows
 from esm2_batch.embedding.options import EmbedOptions
 from esm2_batch.errors import ModelError
@@ -58,7 +59,8 @@ class EmbedActor:
     With `shards` (per_tok) it writes the states into the residue store itself, a shard
     per task (or per `shard_bytes`), and returns each row's shard name and state length.
     Every reply names the actor (`tag`, new with every start): a restarted actor is a
-    new tag, so the driver can count model loads."""
+    new tag, so the driver can count model loads. A "auto" budget is sized here, on the
+    actor's own device (embed_rows sizes it), and every reply says what it became."""
 
     def __init__(self, model: str, options: RayOptions, embed: EmbedOptions,
                  threads: int, shards: ShardTarget | None = None) -> None:
@@ -103,7 +105,8 @@ class EmbedActor:
         if buffer is not None and target is not None and buffer.entries:
             self._write(buffer, target, keys, shard_of)
         return {"emb": emb, "error": errors, "shard": shard_of, "length": lengths,
-                "actor": self.tag}
+                "actor": self.tag,
+                "budget": sized(self.embed_options, model).toks_per_batch}
 
     def _write(self, buffer: ShardBuffer, target: ShardTarget, keys: list[str],
                shard_of: list[str]) -> None:
@@ -128,6 +131,7 @@ class RayStats:
     windows: int = 0
     tasks: int = 0
     instances: set[str] = field(default_factory=set)
+    budgets: dict[str, int] = field(default_factory=dict)  # actor tag -> its tokens/batch
 
 
 class ActorPool:
@@ -282,6 +286,8 @@ class ActorPool:
             self.stats.failed += len(task)
             return
         self.stats.instances.add(str(reply["actor"]))
+        if "budget" in reply:
+            self.stats.budgets[str(reply["actor"])] = int(reply["budget"])
         self._consume(task, reply)
 
     def _consume(self, task: list[Item], reply: dict[str, Any]) -> None:

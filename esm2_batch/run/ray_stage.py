@@ -48,6 +48,7 @@ from collections.abc import Sequence
 
 import torch
 
+from esm2_batch.embedding.budget import as_requested
 from esm2_batch.embedding.options import EmbedOptions
 from esm2_batch.models import LoadedModel
 from esm2_batch.run.ray_actors import ActorPool, RayStats, ShardTarget, embed_on_ray
@@ -100,7 +101,8 @@ class RayStage(PendingSequences):
         ray = connect(self.ray)
         writer = self.residues
         self.pool = ActorPool(ray, model=self.model_source, options=self.ray,  # sizes it:
-                              embed=self.options, on_rows=self._on_rows,  # the GPU guard
+                              embed=as_requested(self.options, self.model),  # GPU guard;
+                              on_rows=self._on_rows,  # "auto" sized by each actor
                               on_failure=self._on_failure,
                               shards=None if writer is None else ShardTarget.of(writer),
                               on_shard=None if writer is None else writer.adopt)

@@ -17,6 +17,7 @@ from esm2_batch.embedding.budget import (
     FREE_FRACTION,
     MAX_AUTO_TOKENS,
     RESERVE_BYTES,
+    as_requested,
     auto_size,
     budget_meta,
     bytes_per_token,
@@ -70,6 +71,25 @@ def test_auto_is_the_default_and_cpu_keeps_4096(cpu_model: LoadedModel) -> None:
     meta = budget_meta(cpu_model, options)
     assert meta == {"toks_per_batch": 4096, "requested": "auto", "auto": None,
                     "launch_limit": None, "overflows": 0}
+
+
+def test_as_requested_gives_auto_back_only_where_sized_filled_it_in(
+        cpu_model: LoadedModel) -> None:
+    """What a Ray actor is sent: "auto" stays "auto" (it sizes on its own device), a
+    number the user gave stays that number."""
+    auto = sized(EmbedOptions(), cpu_model)
+    assert as_requested(auto, cpu_model).toks_per_batch == AUTO_TOKENS
+    other = sized(EmbedOptions(toks_per_batch=700), cpu_model)
+    assert as_requested(other, cpu_model).toks_per_batch == 700
+    assert as_requested(sized(EmbedOptions(), cpu_model), cpu_model).toks_per_batch == -1
+
+
+def test_budget_meta_of_a_ray_run_is_the_actors(cpu_model: LoadedModel) -> None:
+    options = sized(EmbedOptions(), cpu_model)
+    meta = budget_meta(cpu_model, options, {"b": 65536, "a": 65536})
+    assert meta == {"toks_per_batch": 65536, "requested": "auto", "auto": None,
+                    "launch_limit": None, "overflows": None,
+                    "sized_on": "each Ray actor's device", "actors": {"a": 65536, "b": 65536}}
 
 
 def test_auto_on_cuda_from_free_memory(cpu_model: LoadedModel,

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from esm2_batch.embedding import budget
 from esm2_batch.errors import ModelError
 from esm2_batch.models import LoadedModel
 from esm2_batch.run import ray_stage
@@ -78,6 +79,23 @@ def test_ray_resumes_after_the_driver_dies_and_equals_one_process(
     limit = stored_tolerance(torch.float16, magnitude=float(single.emb.float().abs().max()),
                              terms=4 * model.embed_dim, depth=model.num_layers)
     assert (total.emb.float() - single.emb.float()).abs().max() <= limit
+
+
+def test_auto_budget_is_sized_by_each_actor_not_by_the_driver(
+        config: RunConfig, model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver's "auto" is made 3,000 here (as a GPU-less driver's 4,096 would differ
+    from a GPU actor's); the actors, other processes, size theirs (4,096 on their CPU)
+    and meta records what the rows were planned with. A number the user gives is sent
+    as it is."""
+    monkeypatch.setattr(budget, "CPU_TOKENS", 3000)
+    run(with_flags(config, toks_per_batch="auto", ray_actors=1, cache=False), model=model)
+    meta = read_esm_file(config.out).meta["budget"]
+    assert meta["requested"] == "auto" and meta["sized_on"] == "each Ray actor's device"
+    assert meta["toks_per_batch"] == 4096 and set(meta["actors"].values()) == {4096}
+    given = with_flags(config, out=config.out.with_name("given.pt"), ray_actors=1,
+                       cache=False)  # toks_per_batch=2048
+    run(given, model=model)
+    assert set(read_esm_file(given.out).meta["budget"]["actors"].values()) == {2048}
 
 
 def test_asking_for_gpus_on_a_cluster_without_any_fails_fast(config: RunConfig,
