@@ -105,6 +105,7 @@ def test_gene_mode_per_tok_on_ray_resumes_and_equals_one_process(
     got = read_esm_file(config.out)
     assert len(lost) >= 5 and resumed.embedded_now == len(lost)  # 2+ tasks
     assert resumed.failed == []
+    assert set(got.meta["budget"]["actors"].values()) == {2048}  # as given, not re-sized
     shards = _named_shards(store)
     added = shards[len(kept):]
     assert shards[: len(kept)] == kept and all(name.startswith("ray-") for name in added)

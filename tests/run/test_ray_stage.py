@@ -52,7 +52,12 @@ def config(tmp_path: Path, checkpoint: Path) -> Iterator[RunConfig]:
 def test_ray_resumes_after_the_driver_dies_and_equals_one_process(
         config: RunConfig, model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     """A driver killed mid-run, then rerun: only what was missing is embedded, and the
-    file equals a single-process run's (same genes, ids, order; rows within fp16)."""
+    file equals a single-process run's (same genes, ids, order; rows within fp16).
+
+    The rerun asks for an "auto" budget with the driver's own "auto" made 3,000 here (as a
+    GPU-less driver's 4,096 would differ from a GPU actor's): the actors, other processes,
+    size theirs (4,096 on their CPU), and meta records what the rows were planned with.
+    (A number the user gives reaches the actors as it is: test_ray_per_tok's 2048.)"""
     original = PartialStore.add_rows
     calls = {"n": 0}
 
@@ -66,8 +71,12 @@ def test_ray_resumes_after_the_driver_dies_and_equals_one_process(
     with pytest.raises(KeyboardInterrupt):
         run(with_flags(config, ray_actors=1), model=model)
     monkeypatch.setattr(PartialStore, "add_rows", original)
-    resumed = run(config, model=model)
+    monkeypatch.setattr(budget, "CPU_TOKENS", 3000)
+    resumed = run(with_flags(config, toks_per_batch="auto"), model=model)
     total = read_esm_file(config.out)
+    assert total.meta["budget"]["requested"] == "auto"
+    assert total.meta["budget"]["sized_on"] == "each Ray actor's device"
+    assert set(total.meta["budget"]["actors"].values()) == {4096}
     assert 0 < resumed.embedded_now < len(total.protein_ids)  # only what was missing
     reference = with_flags(config, ray=None, out=config.out.with_name("single.pt"),
                            cache=False)  # computed here, not the Ray rows from the cache
@@ -79,23 +88,6 @@ def test_ray_resumes_after_the_driver_dies_and_equals_one_process(
     limit = stored_tolerance(torch.float16, magnitude=float(single.emb.float().abs().max()),
                              terms=4 * model.embed_dim, depth=model.num_layers)
     assert (total.emb.float() - single.emb.float()).abs().max() <= limit
-
-
-def test_auto_budget_is_sized_by_each_actor_not_by_the_driver(
-        config: RunConfig, model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The driver's "auto" is made 3,000 here (as a GPU-less driver's 4,096 would differ
-    from a GPU actor's); the actors, other processes, size theirs (4,096 on their CPU)
-    and meta records what the rows were planned with. A number the user gives is sent
-    as it is."""
-    monkeypatch.setattr(budget, "CPU_TOKENS", 3000)
-    run(with_flags(config, toks_per_batch="auto", ray_actors=1, cache=False), model=model)
-    meta = read_esm_file(config.out).meta["budget"]
-    assert meta["requested"] == "auto" and meta["sized_on"] == "each Ray actor's device"
-    assert meta["toks_per_batch"] == 4096 and set(meta["actors"].values()) == {4096}
-    given = with_flags(config, out=config.out.with_name("given.pt"), ray_actors=1,
-                       cache=False)  # toks_per_batch=2048
-    run(given, model=model)
-    assert set(read_esm_file(given.out).meta["budget"]["actors"].values()) == {2048}
 
 
 def test_asking_for_gpus_on_a_cluster_without_any_fails_fast(config: RunConfig,
