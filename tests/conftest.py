@@ -78,7 +78,6 @@ def unprivileged(tmp_path: Path) -> Iterator[Unprivileged]:
         shutil.rmtree(root)  # root removes whatever the test locked
 
 
-
 RAY_MODULES = "tests/run/test_ray_"
 """The modules whose tests share one local Ray cluster (tests/run/conftest.py)."""
 

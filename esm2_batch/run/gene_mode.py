@@ -131,7 +131,6 @@ class GeneRun:
         self.genes = Genes.read(config, self.source)
         check_outputs(config, self.genes)
         self.model = model or self._load_model()
-        self.actor_budgets: dict[str, int] | None = None  # Ray: what each actor planned with
         # an unset --truncation is the model's own context (1,022 ESM2, 2,046 FastESM2/ESM C)
         self.config = config = replace(
             config, embed=sized(config.embed, self.model))  # and an "auto" budget sized
@@ -302,10 +301,9 @@ class GeneRun:
         self._refuse_if_nothing_found(genes)
         if note := synonym_note(chosen.values()):  # SEPT5 -> SEPTIN5, ...
             self.summary.notes.append(note)
-        stats = getattr(stage, "stats", None)  # a Ray stage's: each actor sized its budget
-        self.actor_budgets = getattr(stats, "budgets", None)
         data = assemble(genes, chosen, self.store.row_chunks(), keys=self.keys,
-                        dim=self.model.embed_dim, meta=self._meta(genes, chosen, aliases),
+                        dim=self.model.embed_dim,
+                        meta=self._meta(genes, chosen, aliases, stage.budgets),
                         reused=self.reused, matrices=list(self.matrices))
         written = write_esm_file(config.out, data)
         self.summary.count_file(written, chosen)
@@ -371,7 +369,7 @@ class GeneRun:
         return "+".join(sorted(set(engines))) or self.model.engine
 
     def _meta(self, genes: list[str], chosen: dict[str, GeneIsoforms],
-              aliases: dict[str, str]) -> dict[str, Any]:
+              aliases: dict[str, str], budgets: dict[str, int]) -> dict[str, Any]:
         old = self.reused.meta if self.reused is not None else {}
 
         def per_gene(key: str, value: Callable[[GeneIsoforms], Any], default: Any
@@ -390,7 +388,7 @@ class GeneRun:
             **self.settings, "settings": self.settings, "dtype": "float16",
             "isoforms_set": self.config.source.isoforms_set,
             "compute_dtype": str(model.dtype).removeprefix("torch."), "engine": self._engines(),
-            "budget": budget_meta(model, self.config.embed, self.actor_budgets),
+            "budget": budget_meta(model, self.config.embed, budgets),
             "aliases": aliases,
             "status": status,
             "incomplete": sum(s == "incomplete" for s in status.values()),

@@ -134,6 +134,7 @@ class RayStage(PendingSequences):
         self._cut()  # the last window (and cached rows found since the one before)
         pool.drain()
         self.busy_s = pool.stats.wall_s
+        self.budgets = dict(pool.stats.budgets)
 
     def stop(self) -> None:
         if self.pool is not None:

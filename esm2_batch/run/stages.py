@@ -95,6 +95,7 @@ class EmbedStage(Protocol):
     cached: int  # rows the shared row cache gave (not embedded)
     tokens: int  # tokens embedded, BOS and EOS included
     busy_s: float  # seconds spent embedding
+    budgets: dict[str, int]  # tokens per batch of each remote embedder (Ray actor tag)
 
     def start(self) -> None:
         """Acquire what the stage needs (a thread, a cluster) or fail now, before fetching."""
@@ -137,6 +138,9 @@ class PendingSequences:
         self.failed: dict[str, tuple[str, str]] = {}
         self.embedded = self.tokens = self.cached = 0
         self.busy_s = 0.0
+        # what each remote embedder planned with (Ray: actor tag -> tokens per batch, each
+        # sized on its own device); empty when this process embeds: its own sizing is it
+        self.budgets: dict[str, int] = {}
         self._pending: dict[str, Named] = {}
         self.cache: CacheView | None = None
         self._read_cache = False

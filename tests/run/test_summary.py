@@ -99,6 +99,7 @@ class Stage:
     cached: int = 0
     tokens: int = 0
     busy_s: float = 0.0
+    budgets: dict[str, int] = field(default_factory=dict)
 
 
 def _gene(query: str, *sequences: str) -> GeneIsoforms:
